@@ -1,0 +1,152 @@
+"""Checkpoints as safetensors + JSON, written atomically and verified on load (no pickles)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .network import NetConfig, ScoreNet
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "file_sha256",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "write_json",
+]
+
+WEIGHTS, STATE, META = "weights.safetensors", "state.safetensors", "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {
+        f"optim.{idx}.{key}": value.detach().clone() if value.dim() else value.detach().reshape(1).clone()
+        for idx, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value.reshape(()) if key == "step" else value
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    directory: Path, model: ScoreNet, ema: ScoreNet, optimizer, generator: torch.Generator, meta: dict
+) -> None:
+    """Write EMA weights, training state and ``meta`` (configs, step, log) into ``directory``.
+
+    The JSON is written last and records the SHA-256 of both weight files, so a crash mid-save
+    leaves the previous checkpoint valid, and a swapped or damaged file is detected on load.
+    """
+    directory = Path(directory)
+    optim_tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    state = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update(optim_tensors)
+    state["rng.generator"] = generator.get_state()
+    ema_state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
+    atomic_write(directory / WEIGHTS, lambda p: save_file(ema_state, str(p)))
+    atomic_write(directory / STATE, lambda p: save_file(state, str(p)))
+    meta = dict(meta, optimizer_param_groups=groups, net=model.config.to_dict(),
+                sha256={WEIGHTS: file_sha256(directory / WEIGHTS), STATE: file_sha256(directory / STATE)})
+    write_json(directory / META, meta)
+
+
+def _read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}: train a model first with `dgmood train`")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err}); delete the checkpoint folder and retrain") from err
+
+
+def _load_verified(directory: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, retrain or restore it")
+    if file_sha256(path) != meta.get("sha256", {}).get(name):
+        raise CheckpointError(f"{path} does not match its checkpoint.json (corrupt or replaced); retrain or restore it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); retrain or restore it") from err
+
+
+def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[ScoreNet, dict]:
+    """The EMA score model of a checkpoint, in eval mode on ``device``, and the checkpoint's meta."""
+    meta = _read_meta(directory)
+    model = ScoreNet(NetConfig.from_dict(meta["net"]))
+    weights = _load_verified(directory, WEIGHTS, meta)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights in {directory} do not fit the network in its config: {err}") from err
+    return model.to(device).eval(), meta
+
+
+def load_checkpoint(
+    directory: Path, model: ScoreNet, ema: ScoreNet, optimizer, generator: torch.Generator
+) -> dict:
+    """Restore model, EMA, optimizer and generator state in place from ``directory``; returns the meta."""
+    meta = _read_meta(directory)
+    if meta["net"] != json.loads(json.dumps(model.config.to_dict())):
+        raise CheckpointError(
+            f"checkpoint in {directory} is for network {meta['net']}, not {model.config.to_dict()}; "
+            "use a new run directory or the same --channels/--patch"
+        )
+    state = _load_verified(directory, STATE, meta)
+    ema.load_state_dict(_load_verified(directory, WEIGHTS, meta))
+    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    optim = {k: v for k, v in state.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer_param_groups"]))
+    generator.set_state(state["rng.generator"])
+    return meta

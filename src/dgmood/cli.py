@@ -1,0 +1,258 @@
+"""The ``dgmood`` command: thin click wrappers over :mod:`dgmood.runs`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+__all__ = ["main"]
+
+DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _clean_errors(fn):
+    """Turn the library's input errors into one-line messages and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, CheckpointError, ValueError, FileNotFoundError) as err:
+            raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished checkpoints and caches are kept; rerun the same command to resume",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _common(fn):
+    """Options every run command shares."""
+    options = [
+        click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Run directory (created by `train`, reused by every later command)."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Torch device for network passes: cpu, cuda, cuda:N or auto."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Folder with the IDX files [default: $DGMOOD_DATA, else ~/.cache/dgmood/data]."),
+        click.option("--threads", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default=True,
+                     help="CPU threads for torch."),
+        click.option("--quiet", is_flag=True, help="Hide progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _open_run(run_dir, device, data_dir, threads, quiet):
+    from .runs import Run, resolve_device
+
+    _threads(threads)
+    return Run(run_dir, resolve_device(device), data_dir, progress=not quiet)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="dgmood")
+def main():
+    """Unsupervised OOD detection with deep generative models.
+
+    Typical use: `dgmood run --run runs/fmnist` trains a score model on FashionMNIST, computes
+    multiscale score-norm features, fits the detectors and reports AUROC & co. against MNIST,
+    uniform and gaussian noise. Each step also exists on its own: train, features, fit,
+    evaluate, report.
+    """
+
+
+# ---------------------------------------------------------------- data
+@main.group()
+def data():
+    """Datasets: download the named ones."""
+
+
+@data.command("download")
+@click.argument("name", type=click.Choice(["fashion-mnist", "mnist"]))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Target folder [default: $DGMOOD_DATA, else ~/.cache/dgmood/data].")
+@_clean_errors
+def data_download(name, data_dir):
+    """Fetch the official IDX files of NAME into the data folder."""
+    from . import data as datasets
+
+    paths = datasets.download(name, datasets.resolve_data_dir(data_dir))
+    for p in paths:
+        click.echo(str(p))
+
+
+# ---------------------------------------------------------------- stages
+def _train_options(fn):
+    from .network import NetConfig
+    from .runs import FeatureConfig
+    from .train import TrainConfig
+
+    net, tr, feat = NetConfig(), TrainConfig(), FeatureConfig()
+    options = [
+        click.option("--data", "data_spec", default="fashion-mnist",
+                     help="In-distribution training set: a name (fashion-mnist, mnist), a slice like "
+                          "mnist[:8000], or a .npy/.npz/IDX file or image folder."),
+        click.option("--in", "in_spec", default="",
+                     help="In-distribution test set [default: NAME:test for a named training set]."),
+        click.option("--steps", type=click.IntRange(1), default=tr.steps, help="Training steps."),
+        click.option("--batch-size", type=click.IntRange(1), default=tr.batch_size, help="Images per step."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=tr.lr, help="Peak learning rate."),
+        click.option("--channels", default=",".join(map(str, net.channels)),
+                     help="UNet channels per resolution level, comma-separated."),
+        click.option("--checkpoint-every", type=click.IntRange(1), default=tr.checkpoint_every,
+                     help="Steps between checkpoints."),
+        click.option("--seed", type=int, default=tr.seed, help="Seed of weights, data order and noise."),
+        click.option("--fit-n", type=click.IntRange(0), default=feat.fit_n,
+                     help="Training images whose features fit the detectors (0 = all)."),
+        click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config_from_options(run, data_spec, in_spec, steps, batch_size, lr, channels, checkpoint_every, seed, fit_n):
+    from . import data as datasets
+    from .network import NetConfig
+    from .runs import FeatureConfig, RunConfig
+    from .train import TrainConfig
+
+    try:
+        chans = tuple(int(c) for c in channels.split(","))
+    except ValueError as err:
+        raise click.BadParameter(f"--channels must be integers like 48,96,96, got {channels!r}") from err
+    images = datasets.load_images(data_spec, run.data_dir)
+    return RunConfig(
+        data=data_spec, in_test=in_spec,
+        net=NetConfig(image_shape=tuple(images.shape[1:]), channels=chans),
+        train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed),
+        features=FeatureConfig(fit_n=fit_n),
+    )
+
+
+@main.command("train")
+@_common
+@_train_options
+@_clean_errors
+def train_cmd(run_dir, device, data_dir, threads, quiet, dry_run, **options):
+    """Train (or resume) the noise-conditional score model of a run."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    config = _config_from_options(run, **options)
+    if dry_run:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    run.create(config)
+    start = time.perf_counter()
+    run.train()
+    click.echo(f"trained in {time.perf_counter() - start:.0f} s; checkpoint in {run.directory / 'checkpoint'}")
+
+
+@main.command("features")
+@_common
+@click.option("--data", "specs", multiple=True, required=True, help="Dataset spec(s) to featurise (repeatable).")
+@_clean_errors
+def features_cmd(run_dir, device, data_dir, threads, quiet, specs):
+    """Compute and cache the multiscale score-norm features of datasets."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    for spec in specs:
+        fs = run.features(spec)
+        click.echo(f"{spec}: {fs.values.shape[0]} × {fs.values.shape[1]} features "
+                   f"({fs.meta.get('images_per_s', float('nan')):.0f} images/s when computed)")
+
+
+@main.command("fit")
+@_common
+@click.option("--detectors", default="gmm,flow,knn", help="Detectors to fit, comma-separated (gmm, flow, knn).")
+@_clean_errors
+def fit_cmd(run_dir, device, data_dir, threads, quiet, detectors):
+    """Fit detectors on the training set's features (no OOD data is used)."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    names = _detector_names(detectors)
+    run.save_config(replace(run.config, detectors=names))
+    for name, det in run.fit_detectors().items():
+        click.echo(f"{name}: fitted; threshold (offset_) {det.offset_:.4g}")
+
+
+def _detector_names(text: str) -> tuple[str, ...]:
+    from .detectors import DETECTORS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown detector(s) {unknown}; choose from {', '.join(DETECTORS)}")
+    return names
+
+
+@main.command("evaluate")
+@_common
+@click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
+              help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable).")
+@click.option("--in", "in_spec", default="", help="In-distribution test set [default: the run's].")
+@_clean_errors
+def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec):
+    """Score the in-distribution test set and OOD sets; write metrics, plots and report."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    _evaluate_and_report(run, list(ood_specs), in_spec)
+
+
+def _evaluate_and_report(run, ood_specs, in_spec=""):
+    start = time.perf_counter()
+    results, scores, features = run.evaluate(ood_specs, in_spec)
+    table = run.write_outputs(results, scores, features, seconds=time.perf_counter() - start)
+    click.echo(table)
+    click.echo(f"\nreport: {run.directory / 'report.md'}")
+
+
+@main.command("report")
+@_common
+@_clean_errors
+def report_cmd(run_dir, device, data_dir, threads, quiet):
+    """Rewrite metrics, plots and report from cached features (no network pass)."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    path = run.directory / "evaluation.json"
+    if not path.is_file():
+        raise click.ClickException(f"nothing evaluated in {run.directory} yet; run `dgmood evaluate` first")
+    last = json.loads(path.read_text())
+    _evaluate_and_report(run, last["ood"], last["in"])
+
+
+@main.command("run")
+@_common
+@_train_options
+@click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
+              help="OOD set(s) to evaluate against (repeatable).")
+@click.option("--detectors", default="gmm,flow,knn", help="Detectors to fit, comma-separated.")
+@_clean_errors
+def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, detectors, **options):
+    """Train, featurise, fit and evaluate in one go (each stage resumes from what is cached)."""
+    run = _open_run(run_dir, device, data_dir, threads, quiet)
+    config = replace(_config_from_options(run, **options), detectors=_detector_names(detectors))
+    if dry_run:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    run.create(config)
+    run.train()
+    _evaluate_and_report(run, list(ood_specs), options["in_spec"])
+
+
+if __name__ == "__main__":
+    main()

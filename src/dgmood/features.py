@@ -1,0 +1,131 @@
+"""MSMA features: multiscale score norms ‖σ_i s(x, σ_i)‖₂ (MSMA §3, eq. 4), computed once and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write
+
+__all__ = ["FeatureCache", "FeatureSet", "column_names", "score_norms"]
+
+
+@torch.no_grad()
+def score_norms(
+    model,
+    images: np.ndarray | torch.Tensor,
+    sigmas,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Score norms f_i(x) = ‖σ_i s(x, σ_i)‖₂ over all pixels of clean images (MSMA §3).
+
+    Arguments:
+        model: Module with ``scaled_score(x, σ)`` returning σ·s(x, σ).
+        images: Clean images, shape (N, C, H, W), pixel scale [0, 1].
+        sigmas: Noise levels, shape (L,), pixel scale.
+        batch_size: Images per network call.
+
+    Returns:
+        Float32 array of shape (N, L); column i belongs to sigmas[i].
+    """
+    sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float32))
+    images = torch.as_tensor(images)
+    out = np.empty((len(images), len(sigmas)), dtype=np.float32)
+    bar = tqdm(total=len(images) * len(sigmas), desc="features", unit="img·σ", disable=not progress)
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        for i, sigma in enumerate(sigmas):
+            s = model.scaled_score(x, sigma.to(device).expand(len(x)))
+            out[start : start + len(x), i] = s.flatten(1).norm(dim=1).cpu().numpy()
+            bar.update(len(x))
+    bar.close()
+    return out
+
+
+def column_names(sigmas) -> list[str]:
+    """Feature column names, e.g. ``score_norm@sigma=0.01``."""
+    return [f"score_norm@sigma={s:.4g}" for s in np.asarray(sigmas)]
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A cached feature matrix with its provenance.
+
+    Attributes:
+        values: Array of shape (N, L).
+        columns: L column names.
+        meta: Provenance: model checksum, σ grid, dataset spec, count, seconds spent.
+    """
+
+    values: np.ndarray
+    columns: list[str]
+    meta: dict
+
+
+def _cache_key(model_sha: str, sigmas, dataset: str) -> str:
+    blob = json.dumps({"model": model_sha, "sigmas": [float(s) for s in sigmas], "data": dataset})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _slug(dataset: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset)[-60:]
+
+
+class FeatureCache:
+    """Feature matrices on disk, one ``.npz`` per (model, σ grid, dataset), loaded without pickle.
+
+    Arguments:
+        directory: Folder for the cache files (a run's ``features/``).
+        model_sha: Checksum of the model weights the features come from.
+    """
+
+    def __init__(self, directory: Path, model_sha: str):
+        self.directory, self.model_sha = Path(directory), model_sha
+
+    def path(self, dataset: str, sigmas) -> Path:
+        return self.directory / f"{_slug(dataset)}-{_cache_key(self.model_sha, sigmas, dataset)}.npz"
+
+    def load(self, dataset: str, sigmas) -> FeatureSet | None:
+        """The cached features, or None when absent or written for another model/grid."""
+        path = self.path(dataset, sigmas)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                values, meta = f["values"], json.loads(str(f["meta"]))
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise ValueError(f"feature cache {path} is corrupt ({err}); delete it to recompute") from err
+        if meta.get("model_sha256") != self.model_sha or not np.allclose(meta["sigmas"], sigmas):
+            return None
+        return FeatureSet(values, meta["columns"], meta)
+
+    def save(self, dataset: str, sigmas, values: np.ndarray, **extra) -> FeatureSet:
+        meta = {"model_sha256": self.model_sha, "sigmas": [float(s) for s in sigmas], "dataset": dataset,
+                "n": int(len(values)), "columns": column_names(sigmas), **extra}
+        payload = {"values": values, "meta": np.array(json.dumps(meta))}
+        atomic_write(self.path(dataset, sigmas), lambda p: np.savez(open(p, "wb"), **payload))
+        return FeatureSet(values, meta["columns"], meta)
+
+    def get(self, dataset: str, sigmas, images_fn, model, device="cpu", batch_size=500, progress=True) -> FeatureSet:
+        """Cached features of ``dataset``, computing them with ``model`` only when not cached.
+
+        Arguments:
+            images_fn: Zero-argument callable returning the images (N, C, H, W); called on a miss only.
+        """
+        cached = self.load(dataset, sigmas)
+        if cached is not None:
+            return cached
+        images = images_fn()
+        start = time.perf_counter()
+        values = score_norms(model, images, sigmas, batch_size, device, progress)
+        seconds = time.perf_counter() - start
+        return self.save(dataset, sigmas, values, seconds=seconds, images_per_s=len(images) / seconds)

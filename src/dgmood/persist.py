@@ -1,0 +1,96 @@
+"""Save and load fitted detectors as JSON + safetensors (no pickles)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import zuko
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from sklearn.mixture import GaussianMixture
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
+
+from .checkpoint import CheckpointError, atomic_write, write_json
+from .detectors import FlowDetector, GMMDetector, KNNDetector
+
+__all__ = ["load_detector", "save_detector"]
+
+_CLASSES = {cls.__name__: cls for cls in (GMMDetector, FlowDetector, KNNDetector)}
+_SCALER = ("mean_", "scale_", "var_")
+_GMM = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+
+def _arrays(det) -> dict[str, np.ndarray]:
+    out = {}
+    if det.scaler_ is not None:
+        out.update({f"scaler.{k}": getattr(det.scaler_, k) for k in _SCALER})
+    if isinstance(det, GMMDetector):
+        out.update({f"gmm.{k}": getattr(det.gmm_, k) for k in _GMM})
+    elif isinstance(det, KNNDetector):
+        out["knn.fit_X"] = np.asarray(det.neighbors_._fit_X)
+    elif isinstance(det, FlowDetector):
+        out.update({f"flow.{k}": v.numpy() for k, v in det.flow_.state_dict().items()})
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _scalars(det) -> dict:
+    keys = ("offset_", "n_features_in_", "n_components_", "n_neighbors_", "n_epochs_", "best_epoch_")
+    out = {k: getattr(det, k) for k in keys if hasattr(det, k)}
+    if isinstance(det, GMMDetector):
+        out["cv_scores_"] = {str(k): v for k, v in det.cv_scores_.items()}
+    return json.loads(json.dumps(out, default=float))
+
+
+def save_detector(det, directory: Path, meta: dict | None = None) -> None:
+    """Write a fitted detector to ``directory`` (``detector.json`` + ``arrays.safetensors``)."""
+    directory = Path(directory)
+    atomic_write(directory / "arrays.safetensors", lambda p: save_file(_arrays(det), str(p)))
+    write_json(directory / "detector.json", {
+        "class": type(det).__name__, "params": json.loads(json.dumps(det.get_params())),
+        "fitted": _scalars(det), "meta": meta or {},
+    })
+
+
+def _restore_scaler(det, arrays: dict) -> None:
+    det.scaler_ = None
+    if "scaler.mean_" in arrays:
+        det.scaler_ = StandardScaler()
+        for k in _SCALER:
+            setattr(det.scaler_, k, arrays[f"scaler.{k}"])
+        det.scaler_.n_features_in_ = det.n_features_in_
+
+
+def _restore_model(det, arrays: dict) -> None:
+    if isinstance(det, GMMDetector):
+        det.gmm_ = GaussianMixture(det.n_components_, covariance_type="full")
+        for k in _GMM:
+            setattr(det.gmm_, k, arrays[f"gmm.{k}"])
+        det.cv_scores_ = {int(k): v for k, v in det.cv_scores_.items()}
+    elif isinstance(det, KNNDetector):
+        det.neighbors_ = NearestNeighbors(n_neighbors=det.n_neighbors_, algorithm="kd_tree").fit(arrays["knn.fit_X"])
+    elif isinstance(det, FlowDetector):
+        flow = zuko.flows.MAF(det.n_features_in_, transforms=det.transforms, hidden_features=tuple(det.hidden_features))
+        state = {k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("flow.")}
+        flow.double().load_state_dict(state)
+        det.flow_ = flow.eval()
+
+
+def load_detector(directory: Path) -> tuple[object, dict]:
+    """A fitted detector saved by :func:`save_detector`, and the meta saved with it."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / "detector.json").read_text())
+        arrays = load_file(str(directory / "arrays.safetensors"))
+        det = _CLASSES[info["class"]](**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in info["params"].items()})
+        for k, v in info["fitted"].items():
+            setattr(det, k, v)
+        _restore_scaler(det, arrays)
+        _restore_model(det, arrays)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"saved detector in {directory} is missing or corrupt ({err}); rerun `dgmood fit`") from err
+    return det, info["meta"]
