@@ -40,7 +40,7 @@ def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
     """Average precision sum_k (R_k - R_{k-1}) P_k with ``pos`` the positive class (as sklearn)."""
     tp, fp = _counts(pos, neg)
     precision = tp[1:] / (tp[1:] + fp[1:])
-    return float(np.sum(np.diff(tp) / pos.size * precision))
+    return min(1.0, float(np.sum(np.diff(tp) / pos.size * precision)))
 
 
 def roc_curve(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,42 @@
+# dgmood: `make demo` and `make test` are all a new user needs (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 resolves to the local CPU wheel on the project's machines; elsewhere pip picks the
+# build your platform wants. Override with e.g. `make TORCH_SPEC=torch demo`.
+TORCH_SPEC ?= torch==2.13.0
+THREADS ?= 2
+# The shared data folder beside the checkout, when there is one; else dgmood's own lookup
+# ($$DGMOOD_DATA, then ~/.cache/dgmood/data, filled by `dgmood data download`).
+DGMOOD_DATA ?= $(if $(wildcard ../shared/data/fashion-mnist),$(abspath ../shared/data),)
+export DGMOOD_DATA
+export OMP_NUM_THREADS := $(THREADS)
+export MKL_NUM_THREADS := $(THREADS)
+
+DEMO_RUN ?= runs/demo
+DEMO_ARGS ?= --steps 1500 --fit-n 10000 --ood mnist:test --ood uniform[:2000] --ood gaussian[:2000]
+
+.PHONY: venv demo test bench clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	@if [ -z "$$DGMOOD_DATA" ]; then $(BIN)/dgmood data download fashion-mnist && $(BIN)/dgmood data download mnist; fi
+	$(BIN)/dgmood run --run $(DEMO_RUN) --threads $(THREADS) $(DEMO_ARGS)
+
+test: venv
+	$(BIN)/pytest -q
+
+bench: venv
+	$(BIN)/pip install -e ".[test,bench]" >/dev/null
+	$(BIN)/python benchmarks/bench.py --threads $(THREADS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,105 @@
+"""End-to-end CLI: a tiny model through every command, and clean one-line errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dgmood.cli import main
+from dgmood.metrics import METRIC_NAMES
+
+TINY = ["--steps", "6", "--batch-size", "32", "--channels", "8,16", "--fit-n", "300", "--threads", "1", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    result = invoke("run", "--run", run, "--data-dir", data_dir, *TINY, "--in", "fashion-mnist:test[:200]",
+                    "--ood", "mnist:test[:200]", "--ood", "uniform[:100]", "--detectors", "gmm,knn")
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_run_writes_every_output(run_dir):
+    for name in ["config.json", "checkpoint/weights.safetensors", "checkpoint/checkpoint.json", "metrics.json",
+                 "metrics.csv", "report.md", "plots/roc.png", "plots/histograms.png", "plots/embedding.png",
+                 "detectors/gmm/detector.json", "detectors/knn/arrays.safetensors"]:
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"gmm", "knn"}
+    assert set(metrics["knn"]) == {"mnist:test[:200]", "uniform[:100]"}
+    assert list(metrics["gmm"]["uniform[:100]"]) == list(METRIC_NAMES)
+    assert all(0.0 <= v <= 1.0 for d in metrics.values() for m in d.values() for v in m.values())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["net"]["channels"] == [8, 16] and config["train"]["steps"] == 6
+    assert "| gmm" in (run_dir / "report.md").read_text()
+
+
+def test_evaluate_custom_npy_set_and_report_reuse_cache(run_dir, tmp_path, data_dir):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "blobs.npy", (rng.random((50, 28, 28)) * 255).astype(np.uint8))
+    result = invoke("evaluate", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
+                    "--in", "fashion-mnist:test[:200]", "--ood", tmp_path / "blobs.npy")
+    assert result.exit_code == 0, result.output
+    assert "blobs.npy" in result.output
+    n_cached = len(list((run_dir / "features").glob("*.npz")))
+    result = invoke("report", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(list((run_dir / "features").glob("*.npz"))) == n_cached
+
+
+def test_fit_and_features_commands(run_dir, data_dir):
+    result = invoke("features", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
+                    "--data", "constant[:20]")
+    assert result.exit_code == 0 and "20 × 10" in result.output, result.output
+    result = invoke("fit", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
+                    "--detectors", "knn")
+    assert result.exit_code == 0 and "knn: fitted" in result.output, result.output
+
+
+def test_dry_run_prints_resolved_config(tmp_path, data_dir):
+    result = invoke("train", "--run", tmp_path / "r", "--data-dir", data_dir, "--dry-run", "--steps", "7")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["train"]["steps"] == 7
+    assert not (tmp_path / "r").exists()
+
+
+def _bad_inputs(tmp_path):
+    nan = np.zeros((5, 28, 28), np.float32)
+    nan[0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "big.npy", np.zeros((5, 32, 32), np.uint8))
+    np.save(tmp_path / "range.npy", np.full((5, 28, 28), 2.0, np.float32))
+    np.save(tmp_path / "shape.npy", np.zeros((5, 28), np.uint8))
+    (tmp_path / "trunc.npy").write_bytes((tmp_path / "big.npy").read_bytes()[:100])
+    return {
+        tmp_path / "nan.npy": "nan",
+        tmp_path / "big.npy": "model expects",
+        tmp_path / "range.npy": "[0, 1]",
+        tmp_path / "shape.npy": "shape",
+        tmp_path / "trunc.npy": "trunc.npy",
+        "mnist[5:5]": "no images",
+        "cifar-11": "unknown",
+    }
+
+
+def test_bad_ood_inputs_give_one_clean_line(run_dir, tmp_path, data_dir):
+    for spec, phrase in _bad_inputs(tmp_path).items():
+        result = CliRunner().invoke(main, ["evaluate", "--run", str(run_dir), "--data-dir", str(data_dir),
+                                           "--threads", "1", "--quiet", "--ood", str(spec)])
+        assert result.exit_code == 1, (spec, result.output)
+        assert "Traceback" not in result.output
+        error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(error) == 1 and phrase.lower() in error[0].lower(), (spec, result.output)
+
+
+def test_missing_run_and_missing_data_are_clean_errors(tmp_path):
+    result = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "dgmood train" in result.output
+    result = CliRunner().invoke(main, ["train", "--run", str(tmp_path / "r"), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "dgmood data download" in result.output
