@@ -111,7 +111,7 @@ def _train_options(fn):
         click.option("--data", "data_spec", default="fashion-mnist",
                      help="In-distribution training set: a name (fashion-mnist, mnist), a slice like "
                           "mnist[:8000], or a .npy/.npz/IDX file or image folder."),
-        click.option("--in", "in_spec", default="",
+        click.option("--in", "in_spec", default="", show_default=False,
                      help="In-distribution test set [default: NAME:test for a named training set]."),
         click.option("--steps", type=click.IntRange(1), default=tr.steps, help="Training steps."),
         click.option("--batch-size", type=click.IntRange(1), default=tr.batch_size, help="Images per step."),
@@ -206,7 +206,7 @@ def _detector_names(text: str) -> tuple[str, ...]:
 @_common
 @click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
               help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable).")
-@click.option("--in", "in_spec", default="", help="In-distribution test set [default: the run's].")
+@click.option("--in", "in_spec", default="", show_default=False, help="In-distribution test set [default: the run's].")
 @_clean_errors
 def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec):
     """Score the in-distribution test set and OOD sets; write metrics, plots and report."""
