@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +104,7 @@ class FeatureCache:
         try:
             with np.load(path, allow_pickle=False) as f:
                 values, meta = f["values"], json.loads(str(f["meta"]))
-        except (OSError, ValueError, KeyError, EOFError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ValueError(f"feature cache {path} is corrupt ({err}); delete it to recompute") from err
         if meta.get("model_sha256") != self.model_sha or not np.allclose(meta["sigmas"], sigmas):
             return None
@@ -112,7 +114,12 @@ class FeatureCache:
         meta = {"model_sha256": self.model_sha, "sigmas": [float(s) for s in sigmas], "dataset": dataset,
                 "n": int(len(values)), "columns": column_names(sigmas), **extra}
         payload = {"values": values, "meta": np.array(json.dumps(meta))}
-        atomic_write(self.path(dataset, sigmas), lambda p: np.savez(open(p, "wb"), **payload))
+
+        def write(path: Path) -> None:
+            with open(path, "wb") as f:
+                np.savez(f, **payload)
+
+        atomic_write(self.path(dataset, sigmas), write)
         return FeatureSet(values, meta["columns"], meta)
 
     def get(self, dataset: str, sigmas, images_fn, model, device="cpu", batch_size=500, progress=True) -> FeatureSet:
