@@ -173,3 +173,13 @@ def test_batch_indices_are_seeded_epoch_permutations():
     assert sorted(_batch_indices(6, 10, 3, seed=0)) == list(range(6))
     # a ragged tail is dropped, never a short batch
     assert all(len(_batch_indices(55, 10, s, seed=0)) == 10 for s in range(20))
+
+
+def test_ema_decay_warms_up_then_caps():
+    from dgmood.train import ema_decay
+
+    assert ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay(100_000, 0.999) == 0.999
+    weights_on_init = np.prod([ema_decay(t, 0.999) for t in range(1500)])
+    assert weights_on_init < 1e-6  # a 1500-step run's EMA has forgotten the random initial weights

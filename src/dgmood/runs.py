@@ -17,7 +17,7 @@ from .network import NetConfig
 from .noise import geometric_sigmas
 from .train import TrainConfig, train
 
-__all__ = ["FeatureConfig", "Run", "RunConfig", "default_in_test", "resolve_device"]
+__all__ = ["FeatureConfig", "Run", "RunConfig", "default_in_test", "head_spec", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,21 @@ def default_in_test(train_spec: str) -> str:
     if spec.kind == "named" and spec.split == "train" and spec.start is None and spec.stop is None:
         return f"{spec.name}:test"
     return ""
+
+
+def head_spec(spec: str, n: int) -> str:
+    """A spec for the first ``n`` images of ``spec`` (all of it when n ≤ 0), e.g. mnist[:8000], 5000 →
+    mnist[0:5000]. Slices with negative bounds are kept whole."""
+    parsed = datasets.parse_spec(spec)
+    if n <= 0:
+        return spec
+    if parsed.start is None and parsed.stop is None:
+        return f"{spec}[:{n}]"
+    start = parsed.start or 0
+    if start < 0 or (parsed.stop is not None and parsed.stop < 0):
+        return spec
+    stop = start + n if parsed.stop is None else min(parsed.stop, start + n)
+    return f"{spec[: spec.rindex('[')]}[{start}:{stop}]"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +160,7 @@ class Run:
     def fit_spec(self) -> str:
         """The dataset spec of the training images whose features fit the detectors."""
         cfg = self.config
-        n = cfg.features.fit_n
-        return cfg.data if n <= 0 else f"{cfg.data}[:{n}]" if "[" not in cfg.data else cfg.data
+        return head_spec(cfg.data, cfg.features.fit_n)
 
     def features(self, spec: str, sigmas=None) -> FeatureSet:
         """Score-norm features of ``spec`` on the run's σ grid (or ``sigmas``), cached."""

@@ -17,7 +17,7 @@ from .checkpoint import META, load_checkpoint, save_checkpoint
 from .losses import dsm_loss, sample_sigmas
 from .network import NetConfig, ScoreNet
 
-__all__ = ["TrainConfig", "learning_rate", "train"]
+__all__ = ["TrainConfig", "ema_decay", "learning_rate", "read_train_log", "train"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,12 @@ def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """EMA decay at ``step`` (0-based), warmed up as min(decay, (1 + step) / (10 + step)) so the
+    average forgets the random initial weights within the first few hundred steps."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 @torch.no_grad()
@@ -122,7 +128,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        _update_ema(ema, model, cfg.ema_decay)
+        _update_ema(ema, model, ema_decay(step, cfg.ema_decay))
         step, seen = step + 1, seen + len(x)
         window.append(loss.item())
         bar.update(1)
