@@ -14,7 +14,7 @@ export OMP_NUM_THREADS := $(THREADS)
 export MKL_NUM_THREADS := $(THREADS)
 
 DEMO_RUN ?= runs/demo
-DEMO_ARGS ?= --steps 1500 --fit-n 10000 --ood mnist:test --ood uniform[:2000] --ood gaussian[:2000]
+DEMO_ARGS ?= --steps 1500 --fit-n 5000 --in fashion-mnist:test[:5000] --ood mnist:test[:5000] --ood uniform[:2000] --ood gaussian[:2000]
 
 .PHONY: venv demo test bench clean-venv
 

@@ -103,3 +103,26 @@ def test_missing_run_and_missing_data_are_clean_errors(tmp_path):
     assert result.exit_code == 1 and "dgmood train" in result.output
     result = CliRunner().invoke(main, ["train", "--run", str(tmp_path / "r"), "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and "dgmood data download" in result.output
+
+
+def test_wrong_channels_and_corrupt_idx_are_clean_errors(run_dir, tmp_path, data_dir):
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 28, 28, 3), np.uint8))
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 7)
+    for spec, phrase in [(tmp_path / "rgb.npy", "model expects"), (tmp_path / "bad-images-idx3-ubyte", "bad-images")]:
+        result = CliRunner().invoke(main, ["evaluate", "--run", str(run_dir), "--data-dir", str(data_dir),
+                                           "--threads", "1", "--quiet", "--ood", str(spec)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert phrase in result.output, result.output
+
+
+def test_other_sigma_grid_without_retraining(run_dir, data_dir):
+    weights = (run_dir / "checkpoint" / "weights.safetensors").read_bytes()
+    result = invoke("evaluate", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
+                    "--in", "fashion-mnist:test[:200]", "--ood", "uniform[:100]", "--n-sigmas", "4",
+                    "--sigma-max", "2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((run_dir / "config.json").read_text())["features"]
+    assert (config["n_sigmas"], config["sigma_max"]) == (4, 2.0)
+    gmm = json.loads((run_dir / "detectors" / "gmm" / "detector.json").read_text())
+    assert gmm["fitted"]["n_features_in_"] == 4 and len(gmm["meta"]["sigmas"]) == 4
+    assert (run_dir / "checkpoint" / "weights.safetensors").read_bytes() == weights

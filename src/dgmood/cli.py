@@ -61,6 +61,38 @@ def _common(fn):
     return fn
 
 
+def _sigma_options(fn):
+    """σ-grid options; unset means the run's grid (MSMA default: 10 levels, 1 → 0.01)."""
+    options = [
+        click.option("--n-sigmas", type=click.IntRange(1, 1000), default=None,
+                     help="Number of σ levels L [default: the run's, 10 for a new run]."),
+        click.option("--sigma-max", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Largest σ, [0, 1] pixel scale [default: the run's, 1.0 for a new run]."),
+        click.option("--sigma-min", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Smallest σ [default: the run's, 0.01 for a new run]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _grid(features, n_sigmas=None, sigma_max=None, sigma_min=None):
+    """``features`` (a FeatureConfig) with the σ-grid options that were given applied."""
+    given = {"n_sigmas": n_sigmas, "sigma_max": sigma_max, "sigma_min": sigma_min}
+    features = replace(features, **{k: v for k, v in given.items() if v is not None})
+    if features.sigma_min > features.sigma_max:
+        raise click.BadParameter(f"--sigma-min {features.sigma_min} exceeds --sigma-max {features.sigma_max}")
+    return features
+
+
+def _apply_grid(run, **grid) -> None:
+    """Store a changed σ grid in the run's config (features are cached per grid; no retraining)."""
+    config = run.config
+    features = _grid(config.features, **grid)
+    if features != config.features:
+        run.save_config(replace(config, features=features))
+
+
 def _open_run(run_dir, device, data_dir, threads, quiet):
     from .runs import Run, resolve_device
 
@@ -130,7 +162,8 @@ def _train_options(fn):
     return fn
 
 
-def _config_from_options(run, data_spec, in_spec, steps, batch_size, lr, channels, checkpoint_every, seed, fit_n):
+def _config_from_options(run, data_spec, in_spec, steps, batch_size, lr, channels, checkpoint_every, seed, fit_n,
+                         **grid):
     from . import data as datasets
     from .network import NetConfig
     from .runs import FeatureConfig, RunConfig
@@ -145,13 +178,14 @@ def _config_from_options(run, data_spec, in_spec, steps, batch_size, lr, channel
         data=data_spec, in_test=in_spec,
         net=NetConfig(image_shape=tuple(images.shape[1:]), channels=chans),
         train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed),
-        features=FeatureConfig(fit_n=fit_n),
+        features=_grid(FeatureConfig(fit_n=fit_n), **grid),
     )
 
 
 @main.command("train")
 @_common
 @_train_options
+@_sigma_options
 @_clean_errors
 def train_cmd(run_dir, device, data_dir, threads, quiet, dry_run, **options):
     """Train (or resume) the noise-conditional score model of a run."""
@@ -169,10 +203,12 @@ def train_cmd(run_dir, device, data_dir, threads, quiet, dry_run, **options):
 @main.command("features")
 @_common
 @click.option("--data", "specs", multiple=True, required=True, help="Dataset spec(s) to featurise (repeatable).")
+@_sigma_options
 @_clean_errors
-def features_cmd(run_dir, device, data_dir, threads, quiet, specs):
+def features_cmd(run_dir, device, data_dir, threads, quiet, specs, **grid):
     """Compute and cache the multiscale score-norm features of datasets."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
+    _apply_grid(run, **grid)
     for spec in specs:
         fs = run.features(spec)
         click.echo(f"{spec}: {fs.values.shape[0]} × {fs.values.shape[1]} features "
@@ -181,11 +217,13 @@ def features_cmd(run_dir, device, data_dir, threads, quiet, specs):
 
 @main.command("fit")
 @_common
-@click.option("--detectors", default="gmm,flow,knn", help="Detectors to fit, comma-separated (gmm, flow, knn).")
+@click.option("--detectors", default="knn,gmm,flow", help="Detectors to fit, comma-separated (gmm, flow, knn).")
+@_sigma_options
 @_clean_errors
-def fit_cmd(run_dir, device, data_dir, threads, quiet, detectors):
+def fit_cmd(run_dir, device, data_dir, threads, quiet, detectors, **grid):
     """Fit detectors on the training set's features (no OOD data is used)."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
+    _apply_grid(run, **grid)
     names = _detector_names(detectors)
     run.save_config(replace(run.config, detectors=names))
     for name, det in run.fit_detectors().items():
@@ -207,10 +245,12 @@ def _detector_names(text: str) -> tuple[str, ...]:
 @click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
               help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable).")
 @click.option("--in", "in_spec", default="", show_default=False, help="In-distribution test set [default: the run's].")
+@_sigma_options
 @_clean_errors
-def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec):
+def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec, **grid):
     """Score the in-distribution test set and OOD sets; write metrics, plots and report."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
+    _apply_grid(run, **grid)
     _evaluate_and_report(run, list(ood_specs), in_spec)
 
 
@@ -238,9 +278,10 @@ def report_cmd(run_dir, device, data_dir, threads, quiet):
 @main.command("run")
 @_common
 @_train_options
+@_sigma_options
 @click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
               help="OOD set(s) to evaluate against (repeatable).")
-@click.option("--detectors", default="gmm,flow,knn", help="Detectors to fit, comma-separated.")
+@click.option("--detectors", default="knn,gmm,flow", help="Detectors to fit, comma-separated.")
 @_clean_errors
 def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, detectors, **options):
     """Train, featurise, fit and evaluate in one go (each stage resumes from what is cached)."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .checkpoint import file_sha256, load_model, write_json
+from .checkpoint import CheckpointError, file_sha256, load_model, write_json
 from .features import FeatureCache, FeatureSet
 from .network import NetConfig
 from .noise import geometric_sigmas
@@ -50,7 +50,7 @@ class RunConfig:
     net: NetConfig = field(default_factory=NetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    detectors: tuple[str, ...] = ("gmm", "flow", "knn")
+    detectors: tuple[str, ...] = ("knn", "gmm", "flow")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -110,17 +110,20 @@ class Run:
     def __init__(self, directory: Path, device: torch.device | str = "cpu", data_dir=None, progress=True):
         self.directory, self.device = Path(directory), torch.device(device)
         self.data_dir, self.progress = data_dir, progress
-        self._model = None
+        self._config = self._model = self._model_sha = None
 
     @property
     def config(self) -> RunConfig:
-        path = self.directory / "config.json"
-        if not path.is_file():
-            raise ValueError(f"{self.directory} is not a dgmood run (no config.json); create it with `dgmood train`")
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        if self._config is None:
+            path = self.directory / "config.json"
+            if not path.is_file():
+                raise ValueError(f"{self.directory} is not a dgmood run (no config.json); create it with `dgmood train`")
+            self._config = RunConfig.from_dict(json.loads(path.read_text()))
+        return self._config
 
     def save_config(self, config: RunConfig) -> None:
         write_json(self.directory / "config.json", config.to_dict())
+        self._config = config
 
     def create(self, config: RunConfig) -> RunConfig:
         """Write ``config`` as the run's config; an existing run must agree on data and network."""
@@ -145,6 +148,7 @@ class Run:
         cfg = self.config
         images = self.images(cfg.data)
         train(images, self.directory / "checkpoint", cfg.net, cfg.train, self.device, cfg.data, self.progress)
+        self._model = self._model_sha = None
 
     @property
     def model(self):
@@ -155,7 +159,13 @@ class Run:
 
     @property
     def model_sha(self) -> str:
-        return file_sha256(self.directory / "checkpoint" / "weights.safetensors")
+        """SHA-256 of the EMA weights: the key of every feature cache and fitted detector."""
+        if self._model_sha is None:
+            path = self.directory / "checkpoint" / "weights.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"no trained model in {self.directory}; run `dgmood train --run {self.directory}`")
+            self._model_sha = file_sha256(path)
+        return self._model_sha
 
     def fit_spec(self) -> str:
         """The dataset spec of the training images whose features fit the detectors."""
@@ -183,7 +193,10 @@ class Run:
         fitted = {}
         for name in self.config.detectors:
             start = time.perf_counter()
-            fitted[name] = DETECTORS[name]().fit(train_features)
+            det = DETECTORS[name]()
+            if "verbose" in det.get_params():
+                det.set_params(verbose=self.progress)
+            fitted[name] = det.fit(train_features)
             meta = dict(self._detector_meta(), fit_seconds=time.perf_counter() - start, n_train=len(train_features))
             save_detector(fitted[name], self.directory / "detectors" / name, meta)
         return fitted
