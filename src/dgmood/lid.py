@@ -51,9 +51,13 @@ def fukunaga_olsen(eigenvalues: torch.Tensor, alpha_fo: float, scale: torch.Tens
     return torch.where(flat, torch.zeros_like(count), count)
 
 
-def _check_k(n_neighbors: int, available: int, what: str) -> None:
+def _check_positive(n_neighbors: int) -> None:
     if not isinstance(n_neighbors, (int, np.integer)) or isinstance(n_neighbors, bool) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
+
+
+def _check_k(n_neighbors: int, available: int, what: str) -> None:
+    _check_positive(n_neighbors)
     if n_neighbors > available:
         raise ValueError(f"n_neighbors={n_neighbors} exceeds the {available} reference points available {what}")
 
@@ -73,7 +77,7 @@ def _lpca_from_indices(X: np.ndarray, indices: np.ndarray, alpha_fo: float, batc
         hood = data[rows]
         scale = hood.square().sum(-1).amax(-1)
         out.append(fukunaga_olsen(neighbourhood_eigenvalues(hood), alpha_fo, scale))
-    return torch.cat(out).cpu().numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+    return torch.cat(out).cpu().numpy().astype(np.int64)
 
 
 def _self_excluded_neighbours(X: np.ndarray, query_index: np.ndarray, n_neighbors: int) -> np.ndarray:
@@ -186,6 +190,7 @@ class LPCA(TransformerMixin, BaseEstimator):
 
     Attributes:
         reference_: the reference points, shape (n, D), float64.
+        neighbours_: the ``NearestNeighbors`` index of ``reference_``.
         n_neighbors_: the neighbourhood size actually used.
         n_features_in_: D.
 
@@ -204,16 +209,18 @@ class LPCA(TransformerMixin, BaseEstimator):
         """Store ``X`` (shape (n, D)) as the reference set; ``y`` is ignored. Returns self."""
         X = validate_data(self, X, dtype=np.float64)
         _check_alpha(self.alpha_fo)
-        _check_k(self.n_neighbors, np.iinfo(np.int64).max, "")
+        _check_positive(self.n_neighbors)
         self.n_neighbors_ = min(self.n_neighbors, len(X))
         if self.n_neighbors_ < self.n_neighbors:
             warnings.warn(f"n_neighbors={self.n_neighbors} exceeds the {len(X)} reference points; using {len(X)}",
                           UserWarning, stacklevel=2)
         self.reference_ = X
+        self.neighbours_ = NearestNeighbors(n_neighbors=self.n_neighbors_).fit(X)
         return self
 
     def transform(self, X):
         """LID of each row of ``X`` (shape (n_query, D)) as a float64 column, shape (n_query, 1)."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return lpca(self.reference_, self.n_neighbors_, self.alpha_fo, query=X).astype(np.float64)[:, None]
+        indices = self.neighbours_.kneighbors(X, return_distance=False)
+        return _lpca_from_indices(self.reference_, indices, self.alpha_fo).astype(np.float64)[:, None]
