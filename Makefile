@@ -12,6 +12,7 @@ DGMOOD_DATA ?= $(if $(wildcard ../shared/data/fashion-mnist),$(abspath ../shared
 export DGMOOD_DATA
 export OMP_NUM_THREADS := $(THREADS)
 export MKL_NUM_THREADS := $(THREADS)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 DEMO_RUN ?= runs/demo
 DEMO_ARGS ?= --steps 1500 --fit-n 5000 --in fashion-mnist:test[:5000] --ood mnist:test[:5000] --ood uniform[:2000] --ood gaussian[:2000]

@@ -16,6 +16,10 @@ __all__ = ["main"]
 
 DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
 
+# Idle OpenMP threads sleep instead of spinning: measured on 2 cores with one other busy process,
+# training ran at 34 images/s with spinning threads and 208 with passive ones (no change when idle).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _threads(n: int) -> None:
     import torch
