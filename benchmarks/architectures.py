@@ -8,9 +8,11 @@ diffusers' UNet2DModel. Prints one markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import torch  # noqa: E402
 
 from dgmood.network import NetConfig, ScoreNet
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import torch  # noqa: E402
 from sklearn.neighbors import NearestNeighbors
 
 from dgmood import data as datasets
