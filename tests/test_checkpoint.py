@@ -13,13 +13,11 @@ from dgmood.checkpoint import (
     STATE,
     WEIGHTS,
     CheckpointError,
-    atomic_write,
-    file_sha256,
     load_checkpoint,
     load_model,
     save_checkpoint,
-    write_json,
 )
+from dgmood.files import atomic_write, file_sha256, write_json
 from dgmood.network import NetConfig, ScoreNet
 from dgmood.train import TrainConfig, train
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from dgmood import report
+from dgmood import files, report
 from dgmood.metrics import METRIC_NAMES, evaluate
 from dgmood.report import (
     embed_2d,
@@ -103,7 +103,7 @@ def test_write_metrics_atomic(tmp_path, results, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_metrics(tmp_path, {"other": results["gmm"]})
     assert (tmp_path / "metrics.json").read_text() == before

@@ -2,63 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write, file_sha256, write_json
 from .network import NetConfig, ScoreNet
 
-__all__ = [
-    "CheckpointError",
-    "atomic_write",
-    "file_sha256",
-    "load_checkpoint",
-    "load_model",
-    "save_checkpoint",
-    "write_json",
-]
+__all__ = ["CheckpointError", "load_checkpoint", "load_model", "save_checkpoint"]
 
 WEIGHTS, STATE, META = "weights.safetensors", "state.safetensors", "checkpoint.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:

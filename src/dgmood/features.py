@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 __all__ = ["FeatureCache", "FeatureSet", "column_names", "score_norms"]
 

@@ -14,7 +14,8 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .checkpoint import CheckpointError, atomic_write, write_json
+from .checkpoint import CheckpointError
+from .files import atomic_write, write_json
 from .detectors import FlowDetector, GMMDetector, KNNDetector
 
 __all__ = ["load_detector", "save_detector"]

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
 from .metrics import METRIC_NAMES, auroc, roc_curve  # noqa: E402
 
 __all__ = [
@@ -135,25 +135,9 @@ def format_table(rows: Sequence[Mapping], fmt: str = "text") -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file in ``path``'s directory, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _atomic_write_text(path: Path, text: str) -> Path:
     """Atomically write UTF-8 ``text`` to ``path``."""
-    return _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _csv_text(rows: Sequence[Mapping]) -> str:
@@ -203,7 +187,7 @@ def _new_figure(n_panels: int, max_cols: int, panel_size: tuple[float, float]) -
 
 def _save_png(fig: Figure, path: str | Path) -> Path:
     """Atomically save ``fig`` as a PNG at ``path``."""
-    return _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
+    return atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
 
 
 def _ood_names(scores: Mapping) -> list[str]:

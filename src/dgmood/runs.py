@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .checkpoint import CheckpointError, file_sha256, load_model, write_json
+from .checkpoint import CheckpointError, load_model
+from .files import file_sha256, write_json
 from .features import FeatureCache, FeatureSet
 from .network import NetConfig
 from .noise import geometric_sigmas
