@@ -123,6 +123,7 @@ def test_other_sigma_grid_without_retraining(run_dir, data_dir):
     assert result.exit_code == 0, result.output
     config = json.loads((run_dir / "config.json").read_text())["features"]
     assert (config["n_sigmas"], config["sigma_max"]) == (4, 2.0)
-    gmm = json.loads((run_dir / "detectors" / "gmm" / "detector.json").read_text())
-    assert gmm["fitted"]["n_features_in_"] == 4 and len(gmm["meta"]["sigmas"]) == 4
+    for name in json.loads((run_dir / "config.json").read_text())["detectors"]:
+        saved = json.loads((run_dir / "detectors" / name / "detector.json").read_text())
+        assert saved["fitted"]["n_features_in_"] == 4 and len(saved["meta"]["sigmas"]) == 4
     assert (run_dir / "checkpoint" / "weights.safetensors").read_bytes() == weights
