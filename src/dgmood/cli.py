@@ -299,5 +299,37 @@ def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, detec
     _evaluate_and_report(run, list(ood_specs), options["in_spec"])
 
 
+# ---------------------------------------------------------------- online scoring
+@main.command("serve")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Fitted run directory (or a copy of its config.json, checkpoint/ and detectors/NAME/).")
+@click.option("--detector", default=None, show_default=False,
+              help="Fitted detector to serve [default: the first in the run's config].")
+@click.option("--host", default="127.0.0.1", help="Address to listen on (no authentication or TLS: keep loopback).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, help="TCP port; 0 picks a free one (printed).")
+@click.option("--max-bytes", type=click.IntRange(1), default=2_000_000,
+              help="Largest upload accepted; bigger ones get 413 from their Content-Length.")
+@click.option("--threads", type=click.IntRange(1, 256), default=1,
+              help="CPU threads of torch's network pass (passes run one at a time; HTTP uses a thread per connection).")
+@click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
+@click.option("--quiet", is_flag=True, help="No access log on stderr.")
+@_clean_errors
+def serve_cmd(run_dir, detector, host, port, max_bytes, threads, device, quiet):
+    """Serve a fitted detector over HTTP: POST /score (one PNG/JPEG/.npy image) and GET /health.
+
+    POST the image as the raw body (curl --data-binary @img.png URL/score) or as the form field
+    `file` (curl -F file=@img.png URL/score); the answer is JSON {"score", "in_distribution",
+    "threshold", "detector", "model_sha256"}. Bad uploads get a 4xx JSON {"error"}. Ctrl-C or
+    SIGTERM stops it after the requests in flight.
+    """
+    from .serve import serve
+
+    _threads(threads)
+    try:
+        serve(run_dir, detector, host, port, max_bytes, device, log=not quiet, echo=click.echo)
+    except OSError as err:  # cannot listen (address in use, ...) or read the run
+        raise click.ClickException(err.strerror or str(err)) from err
+
+
 if __name__ == "__main__":
     main()

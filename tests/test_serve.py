@@ -1,0 +1,271 @@
+"""Online scoring: dgmood.load on a run directory, and `dgmood serve` over loopback HTTP in a subprocess."""
+
+import http.client
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import dgmood
+from dgmood import data as datasets
+from dgmood.checkpoint import CheckpointError
+from dgmood.cli import main
+from dgmood.data import DataError
+from dgmood.runs import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_SPEC = "fashion-mnist:test[:100]"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("serve") / "tiny"
+    args = ["run", "--run", run, "--steps", 4, "--batch-size", 16, "--channels", "8,16", "--fit-n", 200,
+            "--in", IN_SPEC, "--ood", "uniform[:50]", "--detectors", "knn", "--threads", 1, "--quiet",
+            "--data-dir", data_dir]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir):
+    return dgmood.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory, data_dir):
+    """Files to POST: name → bytes."""
+    folder = tmp_path_factory.mktemp("uploads")
+    x = datasets.read_idx(datasets.dataset_file("fashion-mnist", "test", data_dir=data_dir))[:2]
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def npy(arr):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        return buf.getvalue()
+
+    nan = x[0].astype(np.float32) / 255
+    nan[3, 3] = np.nan
+    files = {
+        "good.png": png(x[0]), "good.npy": npy(x[0].astype(np.float32) / 255),
+        "big.png": png(np.zeros((32, 32), np.uint8)),
+        "rgb.png": png(np.zeros((28, 28, 3), np.uint8)), "nan.npy": npy(nan), "two.npy": npy(x),
+        "text.txt": b"hello, not an image", "trunc.png": png(x[0])[:60], "bad.npy": b"\x93NUMPY\x01\x00garbage",
+    }
+    for name, blob in files.items():
+        (folder / name).write_bytes(blob)
+    return folder
+
+
+# ----------------------------------------------------------------------------- dgmood.load
+
+
+def test_import_dgmood_stays_light():
+    code = "import sys, dgmood; assert callable(dgmood.load); assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=60)
+
+
+def test_load_scores_equal_the_runs_own_detector(run_dir, bundle, data_dir):
+    run = Run(run_dir, data_dir=data_dir, progress=False)
+    det = run.detectors()["knn"]
+    assert (bundle.detector_name, bundle.threshold, bundle.model_sha256) == ("knn", det.offset_, run.model_sha)
+    assert bundle.image_shape == (1, 28, 28) and np.allclose(bundle.sigmas, run.config.features.sigmas())
+    for spec in [IN_SPEC, "uniform[:50]"]:
+        images, features = run.images(spec), run.features(spec).values  # features cached by `dgmood run`
+        scores = bundle.score(images)
+        assert scores.shape == (len(images),) and scores.dtype == np.float64
+        np.testing.assert_allclose(scores, det.score_samples(features), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(bundle.predict(images), det.predict(features))
+    # the same images as uint8 (N, H, W), uint8 (N, H, W, 1) and float (N, 1, H, W) score the same
+    raw = datasets.read_idx(datasets.dataset_file("fashion-mnist", "test", data_dir=data_dir))[:20]
+    ref = bundle.score(run.images("fashion-mnist:test[:20]"))
+    for images in [raw, raw[..., None], raw[:, None].astype(np.float32) / 255]:
+        np.testing.assert_allclose(bundle.score(images), ref, rtol=1e-6)
+    assert set(np.unique(bundle.predict(raw))) <= {-1, 1}
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 32, 32), np.uint8), "images are 32x32x1 but the model expects 28x28x1"),
+    (np.zeros((2, 28, 28, 3), np.uint8), "images are 28x28x3 but the model expects 28x28x1"),
+    (np.full((2, 28, 28), np.nan, np.float32), "contains NaN or inf"),
+    (np.full((2, 28, 28), 1.5), "must lie in [0, 1]"),
+    (np.zeros((2, 28, 28), np.int64), "has dtype int64"),
+    (np.zeros((2, 28), np.uint8), "expected (N, H, W) or (N, H, W, C)"),
+    (np.zeros((0, 28, 28), np.uint8), "is empty"),
+])
+def test_load_rejects_bad_images_with_the_data_modules_messages(bundle, images, message):
+    with pytest.raises(DataError) as err:
+        bundle.score(images)
+    assert message in str(err.value)
+    with pytest.raises(DataError):
+        bundle.predict(images)
+
+
+def test_load_bad_bundles(run_dir, bundle, tmp_path):
+    with pytest.raises(ValueError, match="no fitted detector 'gmm'.*fitted: knn"):
+        dgmood.load(run_dir, detector="gmm")
+    with pytest.raises(CheckpointError, match="not a dgmood run"):
+        dgmood.load(tmp_path / "nothing")
+    # the four entries a bundle needs, copied elsewhere, are a complete bundle
+    copy = tmp_path / "bundle"
+    (copy / "checkpoint").mkdir(parents=True)
+    shutil.copy(run_dir / "config.json", copy)
+    for name in ["checkpoint.json", "weights.safetensors"]:
+        shutil.copy(run_dir / "checkpoint" / name, copy / "checkpoint")
+    shutil.copytree(run_dir / "detectors" / "knn", copy / "detectors" / "knn")
+    images = np.random.default_rng(0).random((3, 28, 28))
+    np.testing.assert_array_equal(dgmood.load(copy).score(images), bundle.score(images))
+    # a detector fitted for other weights is refused
+    info = json.loads((copy / "detectors" / "knn" / "detector.json").read_text())
+    info["meta"]["model_sha256"] = "0" * 64
+    (copy / "detectors" / "knn" / "detector.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="other weights"):
+        dgmood.load(copy)
+
+
+# ----------------------------------------------------------------------------- dgmood serve
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """(base URL, process) of `dgmood serve` on a free loopback port; stopped in teardown."""
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "dgmood", "serve", "--run", str(run_dir), "--port", "0",
+                             "--threads", "1", "--max-bytes", "200000", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=ENV, cwd=ROOT)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline() if ready else ""
+        assert "http://127.0.0.1:" in line, f"server did not start: {line!r}"
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        proc.stdout.close()
+        log.close()
+
+
+def request(url, method="GET", path="/health", body=None, headers=None):
+    """(status, JSON body, headers) of one request over loopback."""
+    host_port = url.split("//")[1]
+    conn = http.client.HTTPConnection(host_port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null"), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def test_health_and_score_a_png(server, bundle, uploads):
+    url, _ = server
+    assert request(url)[:2] == (200, {"status": "ok"})
+    status, answer, headers = request(url, "POST", "/score", (uploads / "good.png").read_bytes(),
+                                      {"Content-Type": "image/png"})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert set(answer) == {"score", "in_distribution", "threshold", "detector", "model_sha256"}
+    image = np.asarray(Image.open(uploads / "good.png"))[None]
+    assert answer["score"] == pytest.approx(float(bundle.score(image)[0]), rel=1e-9, abs=1e-9)
+    assert answer["in_distribution"] == (answer["score"] >= answer["threshold"])
+    assert (answer["threshold"], answer["detector"], answer["model_sha256"]) == (
+        bundle.threshold, "knn", bundle.model_sha256)
+    # the same image as .npy and as a multipart form field
+    status, npy_answer, _ = request(url, "POST", "/score", (uploads / "good.npy").read_bytes())
+    assert status == 200 and npy_answer["score"] == pytest.approx(answer["score"], rel=1e-9)
+    boundary = "dgmoodtestboundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"good.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + (uploads / "good.png").read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    status, form_answer, _ = request(url, "POST", "/score", form,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and form_answer["score"] == answer["score"]
+
+
+@pytest.mark.parametrize("method, path, upload, headers, status, message", [
+    ("POST", "/score", "text.txt", {}, 400, "not a PNG or JPEG"),
+    ("POST", "/score", "trunc.png", {}, 400, "truncated or corrupt"),
+    ("POST", "/score", "bad.npy", {}, 400, ".npy upload is corrupt"),
+    ("POST", "/score", b"", {}, 400, "empty upload"),
+    ("POST", "/score", "big.png", {}, 422, "model expects 28x28x1"),
+    ("POST", "/score", "rgb.png", {}, 422, "images are 28x28x3 but the model expects 28x28x1"),
+    ("POST", "/score", "nan.npy", {}, 422, "NaN or inf"),
+    ("POST", "/score", "two.npy", {}, 422, "holds 2 images"),
+    ("POST", "/score", b"x" * 300_000, {}, 413, "the limit is 200000"),
+    ("POST", "/score", b"x" * 10, {"Content-Length": "999999999"}, 413, "999999999 bytes"),
+    ("POST", "/score", b"", {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "no file field"),
+    ("POST", "/nope", "good.png", {}, 404, "no endpoint /nope"),
+    ("GET", "/score", None, {}, 405, "use POST"),
+    ("PUT", "/score", "good.png", {}, 405, "PUT is not allowed"),
+    ("DELETE", "/health", None, {}, 405, "use GET"),
+])
+def test_bad_requests_get_json_4xx(server, uploads, method, path, upload, headers, status, message):
+    url, proc = server
+    body = (uploads / upload).read_bytes() if isinstance(upload, str) else upload
+    got, answer, reply_headers = request(url, method, path, body, headers)
+    assert got == status and message in answer["error"], answer
+    if status == 405:
+        assert reply_headers["Allow"] in ("GET", "POST")
+    assert proc.poll() is None
+
+
+def test_missing_length_and_malformed_request_line(server):
+    url, proc = server
+    host, port = url.split("//")[1].split(":")
+
+    for raw, status in [(b"POST /score HTTP/1.0\r\n\r\n", 411), (b"GARBAGE\r\n\r\n", 400),
+                        (b"POST /score HTTP/1.0\r\nContent-Length: -5\r\n\r\n", 400),
+                        (b"POST /score HTTP/1.0\r\nContent-Length: 50\r\n\r\nshort", 400)]:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)  # the short body ends here
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == str(status).encode(), reply
+        assert "error" in json.loads(body)
+    assert proc.poll() is None
+
+
+def test_load_test_from_a_second_process(server, uploads):
+    url, proc = server
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--url", url,
+                             "--requests", "40", "--concurrency", "4", "--image", str(uploads / "good.png"),
+                             "--timeout", "20", "--deadline", "60", "--json"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] == 40 and report["failed"] == 0 and report["requests_per_s"] > 0
+    assert proc.poll() is None
+
+
+def test_sigint_stops_the_server_cleanly(server):
+    """Last test of the module: it stops the shared server."""
+    url, proc = server
+    assert request(url)[0] == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert "stopped" in proc.stdout.read()
