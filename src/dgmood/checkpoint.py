@@ -21,6 +21,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
 
 
+# what building a network or restoring state from a damaged/forged checkpoint.json or state file raises
+_BAD_CONTENT = (LookupError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError)
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
     tensors = {
         f"optim.{idx}.{key}": value.detach().clone() if value.dim() else value.detach().reshape(1).clone()
@@ -64,16 +68,20 @@ def _read_meta(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}: train a model first with `dgmood train`")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointError(f"{path} is corrupt ({err}); delete the checkpoint folder and retrain") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object); delete the checkpoint folder and retrain")
+    return meta
 
 
 def _load_verified(directory: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
     path = Path(directory) / name
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, retrain or restore it")
-    if file_sha256(path) != meta.get("sha256", {}).get(name):
+    sha = meta.get("sha256")
+    if not isinstance(sha, dict) or file_sha256(path) != sha.get(name):
         raise CheckpointError(f"{path} does not match its checkpoint.json (corrupt or replaced); retrain or restore it")
     try:
         return load_file(str(path))
@@ -84,11 +92,14 @@ def _load_verified(directory: Path, name: str, meta: dict) -> dict[str, torch.Te
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[ScoreNet, dict]:
     """The EMA score model of a checkpoint, in eval mode on ``device``, and the checkpoint's meta."""
     meta = _read_meta(directory)
-    model = ScoreNet(NetConfig.from_dict(meta["net"]))
+    try:
+        model = ScoreNet(NetConfig.from_dict(meta["net"]))
+    except _BAD_CONTENT as err:
+        raise CheckpointError(f"{directory}/{META} has no valid network config ({err}); retrain or restore it") from err
     weights = _load_verified(directory, WEIGHTS, meta)
     try:
         model.load_state_dict(weights)
-    except RuntimeError as err:
+    except _BAD_CONTENT as err:
         raise CheckpointError(f"weights in {directory} do not fit the network in its config: {err}") from err
     return model.to(device).eval(), meta
 
@@ -98,15 +109,20 @@ def load_checkpoint(
 ) -> dict:
     """Restore model, EMA, optimizer and generator state in place from ``directory``; returns the meta."""
     meta = _read_meta(directory)
-    if meta["net"] != json.loads(json.dumps(model.config.to_dict())):
+    if meta.get("net") != json.loads(json.dumps(model.config.to_dict())):
         raise CheckpointError(
-            f"checkpoint in {directory} is for network {meta['net']}, not {model.config.to_dict()}; "
+            f"checkpoint in {directory} is for network {meta.get('net')}, not {model.config.to_dict()}; "
             "use a new run directory or the same --channels/--patch"
         )
     state = _load_verified(directory, STATE, meta)
-    ema.load_state_dict(_load_verified(directory, WEIGHTS, meta))
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-    optim = {k: v for k, v in state.items() if k.startswith("optim.")}
-    optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer_param_groups"]))
-    generator.set_state(state["rng.generator"])
+    weights = _load_verified(directory, WEIGHTS, meta)
+    try:
+        ema.load_state_dict(weights)
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        optim = {k: v for k, v in state.items() if k.startswith("optim.")}
+        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer_param_groups"]))
+        generator.set_state(state["rng.generator"])
+    except _BAD_CONTENT as err:
+        raise CheckpointError(f"training state in {directory} does not fit the model/optimizer ({err}); "
+                              "retrain or restore it") from err
     return meta

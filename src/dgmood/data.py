@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import shutil
 import tempfile
+import tokenize
 import urllib.error
 import urllib.request
 import zipfile
@@ -73,6 +75,10 @@ _IDX_DTYPES = {
 }
 _IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# what np.load (allow_pickle=False) and reading an .npz member raise on a damaged file: numpy's header parser
+# lets SyntaxError / tokenize.TokenError escape, zipfile raises RuntimeError (encrypted) and NotImplementedError
+_NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxError, tokenize.TokenError,
+              zipfile.BadZipFile, zlib.error)
 _PIL_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "RGB": "RGB", "RGBA": "RGB"}
 _SLICE_RE = re.compile(r"^(?P<base>.*)\[\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*\]$")
 _FORMS = (
@@ -193,7 +199,7 @@ def _idx_header(buf: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]
     if ndim == 0 or len(buf) < offset:
         raise DataError(f"{path} has a truncated or corrupt IDX header; download or copy it again")
     dims = tuple(int(d) for d in np.frombuffer(buf, ">u4", ndim, 4))
-    expected = offset + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = offset + math.prod(dims) * dtype.itemsize  # Python ints: no int64 wrap-around
     if len(buf) != expected:
         what = "truncated" if len(buf) < expected else "corrupt (trailing bytes)"
         raise DataError(
@@ -450,7 +456,7 @@ def _np_load(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; check the path") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except _NP_ERRORS as e:
         msg = f"cannot read {path} ({e}); it is truncated, corrupt or not a numeric array, save it with numpy.save"
         raise DataError(msg) from None
 
@@ -478,9 +484,12 @@ def _load_npz(path: Path, key: str | None) -> np.ndarray:
         if key not in keys:
             raise DataError(f"{path} has no array '{key}'; its arrays are {', '.join(keys)}, use {path}:NAME")
         try:
-            return obj[key]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            arr = obj[key]
+        except _NP_ERRORS as e:
             raise DataError(f"cannot read array '{key}' of {path} ({e}); the file is corrupt, save it again") from None
+        if not isinstance(arr, np.ndarray):  # numpy returns a member that is not an .npy file as raw bytes
+            raise DataError(f"'{key}' in {path} is not a numpy array; save the file with numpy.savez")
+        return arr
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -78,6 +79,22 @@ def _cache_key(model_sha: str, sigmas, dataset: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _corrupt_reason(values: np.ndarray, meta) -> str | None:
+    """Why a cache file's contents cannot be a feature set (None when values and meta are consistent)."""
+    if not isinstance(meta, dict):
+        return "its meta is not a JSON object"
+    sigmas, columns = meta.get("sigmas"), meta.get("columns")
+    if not isinstance(sigmas, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas):
+        return "its meta has no list of sigma values"
+    if not isinstance(columns, list) or len(columns) != len(sigmas) or not all(isinstance(c, str) for c in columns):
+        return "its column names do not match its sigma values"
+    if not isinstance(values, np.ndarray):  # a zip member that is not an .npy file comes back as bytes
+        return "its values are not a numpy array"
+    if values.dtype.kind != "f" or values.ndim != 2 or values.shape[1] != len(sigmas):
+        return f"values of dtype {values.dtype} and shape {values.shape} do not fit {len(sigmas)} sigma values"
+    return None
+
+
 def _slug(dataset: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset)[-60:]
 
@@ -97,17 +114,23 @@ class FeatureCache:
         return self.directory / f"{_slug(dataset)}-{_cache_key(self.model_sha, sigmas, dataset)}.npz"
 
     def load(self, dataset: str, sigmas) -> FeatureSet | None:
-        """The cached features, or None when absent or written for another model/grid."""
+        """The cached features, or None when absent or written for another model, dataset or σ grid."""
         path = self.path(dataset, sigmas)
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as f:
                 values, meta = f["values"], json.loads(str(f["meta"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, MemoryError, RuntimeError, SyntaxError,
+                tokenize.TokenError, zipfile.BadZipFile, zlib.error) as err:  # TypeError: an .npy, not an .npz
             raise ValueError(f"feature cache {path} is corrupt ({err}); delete it to recompute") from err
-        if meta.get("model_sha256") != self.model_sha or not np.allclose(meta["sigmas"], sigmas):
-            return None
+        reason = _corrupt_reason(values, meta)
+        if reason is not None:
+            raise ValueError(f"feature cache {path} is corrupt ({reason}); delete it to recompute")
+        cached_sigmas = np.asarray(meta.get("sigmas", []), dtype=float)
+        if (meta.get("model_sha256") != self.model_sha or meta.get("dataset") != dataset
+                or cached_sigmas.shape != np.shape(sigmas) or not np.allclose(cached_sigmas, sigmas)):
+            return None  # written for another model, dataset or σ grid (e.g. a copied or renamed file)
         return FeatureSet(values, meta["columns"], meta)
 
     def save(self, dataset: str, sigmas, values: np.ndarray, **extra) -> FeatureSet:

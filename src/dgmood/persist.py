@@ -80,6 +80,21 @@ def _restore_model(det, arrays: dict) -> None:
         det.flow_ = flow.eval()
 
 
+def _check_restored(det, arrays: dict) -> None:
+    """ValueError when the restored arrays do not fit the saved sizes (else a later score would crash or be wrong)."""
+    d = det.n_features_in_
+    shapes = {f"scaler.{k}": (d,) for k in _SCALER} if det.standardize else {}
+    if isinstance(det, GMMDetector):
+        k = det.n_components_
+        shapes.update({"gmm.weights_": (k,), "gmm.means_": (k, d), **{f"gmm.{n}": (k, d, d) for n in _GMM[2:]}})
+    elif isinstance(det, KNNDetector):
+        shapes["knn.fit_X"] = (len(arrays["knn.fit_X"]), d)
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"array {name} has shape {arrays[name].shape}, expected {shape}")
+    det.decision_function(np.zeros((1, d)))  # every fitted part present and usable
+
+
 def load_detector(directory: Path) -> tuple[object, dict]:
     """A fitted detector saved by :func:`save_detector`, and the meta saved with it."""
     directory = Path(directory)
@@ -92,6 +107,8 @@ def load_detector(directory: Path) -> tuple[object, dict]:
             setattr(det, k, v)
         _restore_scaler(det, arrays)
         _restore_model(det, arrays)
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as err:
+        _check_restored(det, arrays)
+        meta = info["meta"]
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"saved detector in {directory} is missing or corrupt ({err}); rerun `dgmood fit`") from err
-    return det, info["meta"]
+    return det, meta
