@@ -47,9 +47,8 @@ SEED = 20260101
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CKPT_FILES = (WEIGHTS, STATE, META)
 
-# Signature of a torn checkpoint: weights/state renamed into place, checkpoint.json not yet (see
-# test_kill_around_checkpoint_json_keeps_a_loadable_checkpoint). While dgmood/checkpoint.py has that
-# bug, the random-kill test deletes such a checkpoint (as the error tells the user) and ends as xfail.
+# Signature of a torn checkpoint (weights/state not matching checkpoint.json). save_checkpoint stages
+# the weight files and commits them with checkpoint.json, so a kill must never leave one.
 TORN = "does not match its checkpoint.json"
 
 
@@ -184,7 +183,9 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
     ckpt, meta_path = run / "checkpoint", run / "checkpoint" / META
     cmd = _train_cmd(run, images_npy)
     saved, torn, stats, history = 0, [], Counter(), []
-    for kill in range(KILLS):
+    for kill in range(2 * KILLS):  # a run that completes before its kill moment starts over
+        if stats["killed"] == KILLS:
+            break
         in_startup = rng.random() < 0.3
         if in_startup:
             delay = float(rng.uniform(0.05, 1.0) * t_first)
@@ -200,7 +201,9 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
         if finished:  # completed before its kill moment: nothing left to interrupt
             assert proc.returncode == 0, log.read_text()
             stats["finished early"] += 1
-            break
+            shutil.rmtree(run)
+            saved = 0
+            continue
         assert proc.returncode == -signal.SIGKILL, log.read_text()
         stats["killed"] += 1
         where = f"kill {kill} {'from start' if in_startup else f'after a checkpoint past {saved}'} +{delay:.2f} s"
@@ -257,9 +260,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
     _assert_tensors_equal(s, s_ref, f"training state after the kills ({summary})")
     log_done, log_ref = (json.loads((c / META).read_text())["log"] for c in (ckpt, ref))
     assert [(e["step"], e["loss"]) for e in log_done] == [(e["step"], e["loss"]) for e in log_ref]
-    if torn:
-        pytest.xfail(f"known bug, dgmood/checkpoint.py: a kill between the weight renames and the checkpoint.json "
-                     f"rename left {len(torn)} unloadable checkpoint(s): {torn[0]}")
+    assert not torn, f"a kill left {len(torn)} unloadable checkpoint(s): {torn[0]}"
 
 
 # A child that runs the CLI with checkpoint.json's write intercepted at the second checkpoint (step
@@ -285,10 +286,7 @@ main()
 
 
 @pytest.mark.parametrize("when", [
-    pytest.param("before", marks=pytest.mark.xfail(
-        strict=True, raises=CheckpointError,
-        reason="known bug: save_checkpoint renames weights/state over the previous checkpoint before "
-               "checkpoint.json, so a kill in between leaves a checkpoint that can neither load nor resume")),
+    "before",
     "after",
 ])
 def test_kill_around_checkpoint_json_keeps_a_loadable_checkpoint(tmp_path, images_npy, when):

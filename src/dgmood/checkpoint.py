@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from .files import atomic_write, file_sha256, write_json
 from .network import NetConfig, ScoreNet
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_model", "recover", "save_checkpoint"]
 
 WEIGHTS, STATE, META = "weights.safetensors", "state.safetensors", "checkpoint.json"
 
@@ -47,8 +48,11 @@ def save_checkpoint(
 ) -> None:
     """Write EMA weights, training state and ``meta`` (configs, step, log) into ``directory``.
 
-    The JSON is written last and records the SHA-256 of both weight files, so a crash mid-save
-    leaves the previous checkpoint valid, and a swapped or damaged file is detected on load.
+    The new weight files are first staged beside the old ones (``.weights.safetensors.new``,
+    ``.state.safetensors.new``); writing the JSON, which records their SHA-256, commits them, and only
+    then are they renamed into place. A crash before the commit leaves the previous checkpoint
+    untouched; a crash after it is completed by the next load (:func:`recover`). A swapped or damaged
+    file is detected on load.
     """
     directory = Path(directory)
     optim_tensors, groups = _flatten_optimizer(optimizer.state_dict())
@@ -56,11 +60,43 @@ def save_checkpoint(
     state.update(optim_tensors)
     state["rng.generator"] = generator.get_state()
     ema_state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
-    atomic_write(directory / WEIGHTS, lambda p: save_file(ema_state, str(p)))
-    atomic_write(directory / STATE, lambda p: save_file(state, str(p)))
+    staged = {WEIGHTS: _staged(directory, WEIGHTS), STATE: _staged(directory, STATE)}
+    atomic_write(staged[WEIGHTS], lambda p: save_file(ema_state, str(p)))
+    atomic_write(staged[STATE], lambda p: save_file(state, str(p)))
     meta = dict(meta, optimizer_param_groups=groups, net=model.config.to_dict(),
-                sha256={WEIGHTS: file_sha256(directory / WEIGHTS), STATE: file_sha256(directory / STATE)})
-    write_json(directory / META, meta)
+                sha256={name: file_sha256(path) for name, path in staged.items()})
+    write_json(directory / META, meta)  # the commit point
+    for name, path in staged.items():
+        _move(path, directory / name)
+
+
+def _staged(directory: Path, name: str) -> Path:
+    """Where :func:`save_checkpoint` stages a new weight file until checkpoint.json commits it."""
+    return Path(directory) / f".{name}.new"
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:  # another process finished this save first
+        pass
+
+
+def _promote(directory: Path, meta: dict) -> None:
+    """Rename staged files that ``meta`` commits (same SHA-256) into place; others are ignored."""
+    sha = meta.get("sha256")
+    for name in (WEIGHTS, STATE):
+        staged = _staged(directory, name)
+        if isinstance(sha, dict) and staged.is_file() and file_sha256(staged) == sha.get(name):
+            _move(staged, Path(directory) / name)
+
+
+def recover(directory: Path) -> None:
+    """Finish a save that was cut short after its commit (no-op for a complete or absent checkpoint)."""
+    try:
+        _read_meta(directory)
+    except CheckpointError:
+        pass
 
 
 def _read_meta(directory: Path) -> dict:
@@ -73,6 +109,7 @@ def _read_meta(directory: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt ({err}); delete the checkpoint folder and retrain") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is corrupt (not a JSON object); delete the checkpoint folder and retrain")
+    _promote(directory, meta)
     return meta
 
 

@@ -225,7 +225,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     buf = _read_bytes(path)
     dtype, dims, offset = _idx_header(buf, path)
-    arr = np.frombuffer(buf, dtype, offset=offset).reshape(dims)
+    try:
+        arr = np.frombuffer(buf, dtype, offset=offset).reshape(dims)
+    except ValueError as e:  # an empty array whose other dims are too big for numpy
+        raise DataError(f"{path} has impossible IDX dims {dims} ({e}); the file is corrupt, get it again") from None
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 

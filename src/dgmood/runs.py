@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, load_model, recover
 from .files import file_sha256, write_json
 from .features import FeatureCache, FeatureSet
 from .network import NetConfig
@@ -162,6 +162,7 @@ class Run:
     def model_sha(self) -> str:
         """SHA-256 of the EMA weights: the key of every feature cache and fitted detector."""
         if self._model_sha is None:
+            recover(self.directory / "checkpoint")  # a save cut short after its commit
             path = self.directory / "checkpoint" / "weights.safetensors"
             if not path.is_file():
                 raise CheckpointError(f"no trained model in {self.directory}; run `dgmood train --run {self.directory}`")
