@@ -475,7 +475,8 @@ def test_png_folder_with_a_corrupt_file(work, n, rgb, side, victim, seed, data):
     shutil.rmtree(folder)
 
 
-_MAGIC = [b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+_MAGIC = [b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff",
+          b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
           b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"P5\n", b"\x00\x00\x01\x00",
           b"icns", b"8BPS", b"DDS ", b"\x0a\x05\x01\x08"]
 
@@ -864,7 +865,8 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
         body = getattr(node, "body", None)
         if isinstance(body, list):
             for stmt in body:  # docstrings and other bare string statements
-                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
+                value = stmt.value if isinstance(stmt, ast.Expr) else None
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
                     ids.add(id(stmt.value))
     return ids
 
