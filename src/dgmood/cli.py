@@ -15,6 +15,7 @@ import click
 __all__ = ["main"]
 
 DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")  # = dgmood.combined.FEATURES (tested)
 FLOW_LR = 1e-3  # the Adam rate Glow and Neural Spline Flows trained their image flows with
 
 # Idle OpenMP threads sleep instead of spinning: measured on 2 cores with one other busy process,
@@ -293,9 +294,12 @@ def _detector_names(text: str) -> tuple[str, ...]:
 @click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
               help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable).")
 @click.option("--in", "in_spec", default="", show_default=False, help="In-distribution test set [default: the run's].")
-@click.option("--method", type=click.Choice(["msma", "dual-threshold"]), default="msma",
+@click.option("--method", type=click.Choice(["msma", "dual-threshold", "combined"]), default="msma",
               help="msma: detectors on multiscale score norms (score runs). dual-threshold: likelihood + LID "
-                   "(METHODS §3), through --lens.")
+                   "(METHODS §3), through --lens. combined: one mixture on score norms, complexity, FLIPD LID, "
+                   "reconstruction and raw-pixel k-NN distance (score runs; --features).")
+@click.option("--features", "combined_features", default=",".join(COMBINED_FEATURES),
+              help="combined: statistics to use, comma-separated.")
 @click.option("--lens", type=click.Choice(["flow", "diffusion"]), default=None, show_default=False,
               help="dual-threshold: the model seen as a density [default: flow for a flow run, diffusion for a score run].")
 @click.option("--lid", type=click.Choice(["jacobian", "flipd", "normal-bundle"]), default=None, show_default=False,
@@ -309,12 +313,15 @@ def _detector_names(text: str) -> tuple[str, ...]:
                    "baseline log p(x) − log p_background(x).")
 @_sigma_options
 @_clean_errors
-def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec, method, lens, lid, dual_fit_n, solver,
-                 background, **grid):
+def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec, method, combined_features, lens, lid,
+                 dual_fit_n, solver, background, **grid):
     """Score the in-distribution test set and OOD sets; write metrics, plots and report."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
     if method == "dual-threshold":
         _evaluate_dual(run, list(ood_specs), in_spec, lens, lid, dual_fit_n, solver, background)
+        return
+    if method == "combined":
+        _evaluate_combined(run, list(ood_specs), in_spec, combined_features)
         return
     if run.config.model != "score":
         raise click.ClickException(f"{run.directory} holds a flow: evaluate it with --method dual-threshold")
@@ -334,6 +341,23 @@ def _evaluate_dual(run, ood_specs, in_spec, lens, lid, fit_n, solver, background
     evaluation = evaluate_dual(run, config, ood_specs, in_spec)
     in_spec = in_spec or run.config.in_test
     click.echo(write_dual_outputs(run, config, evaluation, in_spec, time.perf_counter() - start))
+    click.echo(f"\nreport: {evaluation.directory / 'report.md'}")
+
+
+def _evaluate_combined(run, ood_specs, in_spec, features):
+    from .combined import CombinedConfig, evaluate_combined, write_combined_outputs
+
+    if run.config.model != "score":
+        raise click.ClickException(f"{run.directory} holds a flow: the combined detector needs a score model")
+    names = tuple(n.strip() for n in features.split(",") if n.strip())
+    try:
+        config = CombinedConfig(features=names)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--features") from None
+    start = time.perf_counter()
+    evaluation = evaluate_combined(run, config, ood_specs, in_spec)
+    in_spec = in_spec or run.config.in_test
+    click.echo(write_combined_outputs(run, config, evaluation, in_spec, time.perf_counter() - start))
     click.echo(f"\nreport: {evaluation.directory / 'report.md'}")
 
 

@@ -139,10 +139,11 @@ def _diffusion_score_norm(model, x, config, generator, sigma_min: float = 0.01):
     return score_norm(model, x, sigma_min)
 
 
-def _diffusion_reconstruction(model, x, config, generator):
+def _diffusion_reconstruction(model, x, config, generator, **levels):
+    """Reconstruction errors (N, L); ``levels`` may set ``sigmas`` and ``steps`` (part of the cache key)."""
     from .diffusion import reconstruction_error
 
-    return reconstruction_error(model, x, generator=generator)
+    return reconstruction_error(model, x, generator=generator, **levels)
 
 
 def _complexity(model, x, config, generator):

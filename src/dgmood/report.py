@@ -29,6 +29,7 @@ __all__ = [
     "plot_dual_roc",
     "plot_embedding",
     "plot_histograms",
+    "plot_score_histograms",
     "plot_pairs",
     "plot_roc",
     "write_metrics",
@@ -279,6 +280,32 @@ def _check_features(features_in: np.ndarray, features_ood: Mapping[str, np.ndarr
     for name, x in {"in-distribution": features_in, **features_ood}.items():
         if np.ndim(x) != 2 or np.shape(x)[1] != n_cols:
             raise ValueError(f"{name} features must have shape (N, {n_cols}), got {np.shape(x)}")
+
+
+def plot_score_histograms(scores_in: np.ndarray, scores_ood: Mapping[str, np.ndarray], path: str | Path,
+                          label: str = "score (higher = more in-distribution)") -> Path:
+    """One detector's scores, in-distribution vs each OOD set: one panel per OOD set, density histograms.
+
+    Args:
+        scores_in: In-distribution test scores, shape (N,).
+        scores_ood: OOD set name → scores, shape (M,).
+        path: Output PNG path.
+        label: x-axis label.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    fig, axes = _new_figure(len(scores_ood), 3, (4.2, 3.2))
+    for ax, (name, ood) in zip(axes, scores_ood.items()):
+        finite = [v[np.isfinite(v)] for v in (np.asarray(scores_in), np.asarray(ood))]
+        lo = np.quantile(np.concatenate(finite), 0.001)  # a few far outliers would squash the panel
+        edges, _ = _shared_bins([np.maximum(v, lo) for v in finite])
+        for values, what, color in zip(finite, ("in-distribution", name), ("C0", "C3")):
+            ax.stairs(_density(np.maximum(values, lo), edges, False), edges, fill=True, alpha=0.45, color=color,
+                      label=what)
+        ax.set(xlabel=label, ylabel="density", title=f"in-dist. vs {name}")
+        ax.legend(fontsize="small")
+    return _save_png(fig, path)
 
 
 def plot_histograms(

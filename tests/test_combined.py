@@ -1,0 +1,145 @@
+"""The combined detector: statistics, caching, the mixture, the CLI and its errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dgmood import cli
+from dgmood.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
+from dgmood.data import load_images
+from dgmood.flow import FlowConfig
+from dgmood.metrics import METRIC_NAMES
+from dgmood.network import NetConfig
+from dgmood.runs import FeatureConfig, Run, RunConfig
+from dgmood.train import TrainConfig
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _small(spec: str, data_dir, n: int) -> np.ndarray:
+    """Real images average-pooled to 8×8, as (N, H, W, C) for a .npy file."""
+    x = torch.from_numpy(load_images(spec, data_dir)[:n])
+    return torch.nn.functional.adaptive_avg_pool2d(x, 8).numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("combined-sets")
+    paths = {}
+    for name, spec, n in [("train", "fashion-mnist", 300), ("in", "fashion-mnist:test", 40),
+                          ("mnist", "mnist:test", 40)]:
+        paths[name] = root / f"{name}.npy"
+        np.save(paths[name], _small(spec, data_dir, n))
+    paths["ood"] = (str(paths["mnist"]), "uniform[:40]")
+    return paths
+
+
+def _make_run(path, data_dir, sets, net, steps) -> Run:
+    run = Run(path, data_dir=data_dir, progress=False)
+    run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,
+                         features=FeatureConfig(fit_n=200), train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps)))
+    run.train()
+    return run
+
+
+@pytest.fixture(scope="module")
+def score_run(tmp_path_factory, data_dir, sets):
+    return _make_run(tmp_path_factory.mktemp("combined") / "score", data_dir, sets,
+                     NetConfig(image_shape=(1, 8, 8), channels=(8, 16)), steps=100)
+
+
+def _ood_args(sets):
+    return [a for s in sets["ood"] for a in ("--ood", s)]
+
+
+def test_cli_default_features_are_the_library_ones():
+    assert cli.COMBINED_FEATURES == FEATURES
+
+
+def test_knn_distance_matches_brute_force_and_leaves_self_out():
+    rng = np.random.default_rng(0)
+    bank, queries = rng.random((30, 1, 2, 3)), rng.random((7, 1, 2, 3))
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+    d = np.linalg.norm(flat(queries)[:, None] - flat(bank)[None], axis=2)
+    np.testing.assert_allclose(knn_distance(bank, queries, 3), np.sort(d, axis=1)[:, 2], rtol=1e-10)
+    d_self = np.linalg.norm(flat(bank)[:, None] - flat(bank)[None], axis=2)  # column 0 of each sorted row is 0
+    np.testing.assert_allclose(knn_distance(bank, bank, 3, exclude_self=True), np.sort(d_self, axis=1)[:, 3],
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 31"):
+        knn_distance(bank, queries, 30, exclude_self=True)
+
+
+def test_columns_are_log_scaled_norms_and_raw_dimensions():
+    norms = np.array([[1.0, np.e], [np.e**2, 1.0]])
+    np.testing.assert_allclose(to_columns("msma", norms), [[0, 1], [2, 0]])
+    np.testing.assert_allclose(to_columns("flipd", np.array([3.0, -1.0])), [[3.0], [-1.0]])
+    assert np.isfinite(to_columns("knn", np.array([0.0, 1.0]))).all()  # a duplicate image is not -inf
+
+
+@pytest.mark.parametrize("kwargs, message", [({"features": ("msma", "lpips")}, "unknown combined feature"),
+                                             ({"features": ()}, "none given"), ({"knn_k": 0}, "knn_k")])
+def test_config_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CombinedConfig(**kwargs)
+
+
+def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
+    result = invoke("evaluate", "--run", score_run.directory, "--data-dir", data_dir, "--method", "combined",
+                    *_ood_args(sets), "--threads", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = score_run.directory / "combined"
+    for name in ["metrics.json", "metrics.csv", "report.md", "evaluation.json", "plots/roc.png",
+                 "plots/scores.png", "detector/detector.json"]:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())["combined"]
+    assert set(metrics) == set(sets["ood"])
+    for values in metrics.values():
+        assert set(METRIC_NAMES) <= set(values)
+    assert metrics["uniform[:40]"]["auroc"] > 0.9  # noise is far from clothes in every statistic
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert tuple(evaluation["config"]["features"]) == FEATURES
+    assert {"flipd", "complexity", "reconstruction", "knn"} <= set(evaluation["seconds_per_image"])
+    assert "time per image: flipd" in (out / "report.md").read_text()
+
+
+def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, sets, monkeypatch):
+    import dgmood.combined as combined
+    import dgmood.detectors as detectors
+    import dgmood.features as features
+    import dgmood.lens as lens
+
+    config = CombinedConfig(features=("msma", "flipd", "knn"))
+    first = evaluate_combined(score_run, config, list(sets["ood"]))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    for module, name in [(lens, "compute_statistic"), (features, "score_norms"), (combined, "knn_distance")]:
+        monkeypatch.setattr(module, name, fail)
+    second = evaluate_combined(score_run, config, list(sets["ood"]))
+    np.testing.assert_array_equal(first.scores["combined"]["in"], second.scores["combined"]["in"])
+    monkeypatch.setattr(detectors.GMMDetector, "fit", fail)
+    assert evaluate_combined(score_run, config, list(sets["ood"])).detector.n_features_in_ == 10 + 1 + 1
+
+
+def test_feature_subset_changes_the_mixture_and_extra_sets_are_scored(score_run, sets):
+    x_in = np.load(sets["in"]).transpose(0, 3, 1, 2)
+    ev = evaluate_combined(score_run, CombinedConfig(features=("complexity", "knn")), [],
+                           extra_sets={"inverted-test": lambda: 1.0 - x_in})
+    assert ev.detector.n_features_in_ == 2
+    assert ev.scores["combined"]["ood"]["inverted-test"].shape == (40,)
+    assert 0.0 <= ev.results["combined"]["inverted-test"]["auroc"] <= 1.0
+
+
+def test_flow_run_and_bad_features_are_clean_cli_errors(tmp_path, data_dir, sets, score_run):
+    flow = _make_run(tmp_path / "flow", data_dir, sets, FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=8, bins=4), 2)
+    result = invoke("evaluate", "--run", flow.directory, "--data-dir", data_dir, "--method", "combined", "--quiet")
+    assert result.exit_code != 0 and "needs a score model" in result.output
+    result = invoke("evaluate", "--run", score_run.directory, "--data-dir", data_dir, "--method", "combined",
+                    "--features", "msma,lpips", "--quiet")
+    assert result.exit_code == 2 and "unknown combined feature" in result.output
