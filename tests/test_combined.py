@@ -81,6 +81,10 @@ def test_columns_are_log_scaled_norms_and_raw_dimensions():
     assert np.isfinite(to_columns("knn", np.array([0.0, 1.0]))).all()  # a duplicate image is not -inf
 
 
+def test_config_puts_the_knn_column_last():
+    assert CombinedConfig(features=("knn", "msma", "flipd")).features == ("msma", "flipd", "knn")
+
+
 @pytest.mark.parametrize("kwargs, message", [({"features": ("msma", "lpips")}, "unknown combined feature"),
                                              ({"features": ()}, "none given"), ({"knn_k": 0}, "knn_k")])
 def test_config_rejects_bad_settings(kwargs, message):
@@ -123,15 +127,17 @@ def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, se
         monkeypatch.setattr(module, name, fail)
     second = evaluate_combined(score_run, config, list(sets["ood"]))
     np.testing.assert_array_equal(first.scores["combined"]["in"], second.scores["combined"]["in"])
-    monkeypatch.setattr(detectors.GMMDetector, "fit", fail)
-    assert evaluate_combined(score_run, config, list(sets["ood"])).detector.n_features_in_ == 10 + 1 + 1
+    monkeypatch.setattr(detectors.GMMDetector, "fit", fail)  # the saved mixture is loaded, not refitted
+    third = evaluate_combined(score_run, config, list(sets["ood"]))
+    assert third.detector.n_features_in_ == 10 + 1 + 1 and third.detector.distance_columns == 1
+    np.testing.assert_allclose(third.scores["combined"]["in"], first.scores["combined"]["in"], rtol=1e-12)
 
 
 def test_feature_subset_changes_the_mixture_and_extra_sets_are_scored(score_run, sets):
     x_in = np.load(sets["in"]).transpose(0, 3, 1, 2)
     ev = evaluate_combined(score_run, CombinedConfig(features=("complexity", "knn")), [],
                            extra_sets={"inverted-test": lambda: 1.0 - x_in})
-    assert ev.detector.n_features_in_ == 2
+    assert ev.detector.n_features_in_ == 2 and ev.detector.distance_columns == 1
     assert ev.scores["combined"]["ood"]["inverted-test"].shape == (40,)
     assert 0.0 <= ev.results["combined"]["inverted-test"]["auroc"] <= 1.0
 

@@ -7,7 +7,7 @@ from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from dgmood.detectors import FlowDetector, GMMDetector, KNNDetector
+from dgmood.detectors import CombinedDetector, FlowDetector, GMMDetector, KNNDetector
 
 DIM = 10
 N_TRAIN = 3000
@@ -18,6 +18,8 @@ CHECKED = [
     KNNDetector(),
     GMMDetector(component_grid=(1, 2, 3), cv=3),
     FlowDetector(hidden_features=(16, 16), transforms=2, max_epochs=3, batch_size=32),
+    CombinedDetector(distance_columns=0, component_grid=(1, 2, 3), cv=3),
+    CombinedDetector(distance_columns=1, component_grid=(1, 2, 3), cv=3),
 ]
 
 
@@ -31,6 +33,7 @@ DETECTORS = {
     "knn": KNNDetector,
     "gmm": lambda: GMMDetector(max_components=6, cv=5),
     "flow": small_flow,
+    "combined": lambda: CombinedDetector(max_components=6, cv=5),
 }
 
 
@@ -211,3 +214,20 @@ def test_wrong_number_of_features_raises(fitted, gaussian_data, name):
 def test_invalid_acceptance_raises(gaussian_data, name, acceptance):
     with pytest.raises(ValueError, match="acceptance"):
         DETECTORS[name]().set_params(acceptance=acceptance).fit(gaussian_data["train"][:50])
+
+
+def test_combined_score_is_standardised_density_minus_weighted_distance():
+    rng = np.random.default_rng(1)
+    X = np.column_stack([rng.standard_normal((400, 3)), rng.lognormal(size=400)])
+    det = CombinedDetector(distance_columns=1, distance_weight=2.0, component_grid=(1,), cv=2).fit(X)
+    Z = (X - X.mean(0)) / X.std(0)
+    density = multivariate_normal(Z[:, :3].mean(0), np.cov(Z[:, :3].T, bias=True)).logpdf(Z[:, :3])
+    expected = (density - density.mean()) / density.std() - 2.0 * Z[:, 3]
+    np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-4, atol=1e-4)
+    assert det.gmm_.means_.shape == (1, 3)  # the distance column is not modelled by the mixture
+
+
+def test_combined_rejects_distance_columns_that_leave_no_statistic():
+    X = np.random.default_rng(0).standard_normal((50, 2))
+    with pytest.raises(ValueError, match="distance_columns"):
+        CombinedDetector(distance_columns=2).fit(X)

@@ -1,11 +1,12 @@
 """The combined detector (ours): every cheap per-image statistic of one score model, one density model on them.
 
-MSMA's score norms, the input complexity, the FLIPD local intrinsic dimension, the diffusion reconstruction error
-and (optionally) the distance to the k-th nearest training image in raw pixels are concatenated per image, put on
-a log scale where they are positive norms or distances, standardised with training statistics and modelled by
-one Gaussian mixture (:class:`~dgmood.detectors.GMMDetector`) fitted on training images only. No OOD data is
-used at any step: FLIPD's σ₀ comes from the LPCA calibration of the dual-threshold method (training data), the
-mixture's size from held-out training likelihood.
+MSMA's score norms, the input complexity, the FLIPD local intrinsic dimension and the diffusion reconstruction
+error are concatenated per image, put on a log scale where they are positive norms or errors, standardised with
+training statistics and modelled by one Gaussian mixture fitted on training images only. The optional k-NN term,
+the log distance to the k-th nearest training image in raw pixels, is added to the mixture's log-density, both
+in training standard deviations (:class:`~dgmood.detectors.CombinedDetector`). No OOD data is used at any
+step: FLIPD's σ₀ comes from the LPCA calibration of the dual-threshold method (training data), the mixture's
+size from held-out training likelihood, the k-NN term's weight is 1 (equal say, not tuned).
 
 Why these statistics (measured, docs/results.md): each sees a different kind of shift. Score norms see
 density at many scales; complexity sees how much is in the image; the LID sees the local dimension of the
@@ -50,6 +51,7 @@ class CombinedConfig:
         reconstruction_sigmas: Noise levels (pixel scale) of the reconstruction error.
         reconstruction_steps: Probability-flow Euler steps per level.
         knn_k: k of the raw-pixel k-NN distance (to the k-th nearest training image).
+        knn_weight: Weight of the k-NN term against the mixture's standardised log-density.
         max_components: Largest number of mixture components tried (2, 4, ..., chosen by held-out likelihood).
         acceptance: In-distribution training acceptance of the fitted threshold.
     """
@@ -59,6 +61,7 @@ class CombinedConfig:
     reconstruction_sigmas: tuple[float, ...] = (0.1, 0.3)
     reconstruction_steps: int = 5
     knn_k: int = 5
+    knn_weight: float = 1.0
     max_components: int = 10
     acceptance: float = 0.95
 
@@ -67,6 +70,7 @@ class CombinedConfig:
         if unknown or not self.features:
             raise ValueError(f"unknown combined feature(s) {unknown or '(none given)'}; choose from "
                              f"{', '.join(FEATURES)}")
+        object.__setattr__(self, "features", tuple(f for f in FEATURES if f in self.features))  # k-NN column last
         if self.lens.lens != "diffusion":
             raise ValueError("the combined detector works on a score model (diffusion lens)")
         if self.knn_k < 1:
@@ -173,6 +177,7 @@ class CombinedFeatures:
         settings = {"k": self.config.knn_k, "bank": self.run.config.data, "leave_one_out": spec == self.fit_spec}
         hit = self.cache.load("knn", settings, spec)
         if hit is not None:
+            self.seconds.setdefault("knn", hit[1].get("seconds_per_image", float("nan")))
             return hit[0]
         start = time.perf_counter()  # the fit set's images are rows of the training set: leave each one out
         values = knn_distance(self.train, images(), self.config.knn_k, exclude_self=spec == self.fit_spec)
@@ -204,7 +209,7 @@ class CombinedEvaluation:
     Attributes:
         results: ``{"combined": {OOD name: {metric: value}}}``.
         scores: ``{"combined": {"in": (N,), "ood": {name: (M,)}}}``, higher = more in-distribution.
-        detector: The fitted :class:`~dgmood.detectors.GMMDetector`.
+        detector: The fitted :class:`~dgmood.detectors.CombinedDetector`.
         seconds_per_image: Statistic → seconds per image when it was computed.
         directory: Where metrics, plots and report go (``RUN/combined``).
     """
@@ -222,7 +227,7 @@ def _detector_meta(feats: CombinedFeatures) -> dict:
 
 def fitted_detector(feats: CombinedFeatures):
     """The run's combined mixture, loaded from ``RUN/combined/detector``; fitted (and saved) when missing or stale."""
-    from .detectors import GMMDetector
+    from .detectors import CombinedDetector
     from .persist import load_detector, save_detector
 
     folder, expected = feats.run.directory / "combined" / "detector", _detector_meta(feats)
@@ -235,7 +240,9 @@ def fitted_detector(feats: CombinedFeatures):
             return det
     start = time.perf_counter()
     train = feats.matrix(feats.fit_spec)
-    det = GMMDetector(max_components=feats.config.max_components, acceptance=feats.config.acceptance).fit(train)
+    cfg = feats.config
+    det = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
+                           max_components=cfg.max_components, acceptance=cfg.acceptance).fit(train)
     save_detector(det, folder, dict(expected, fit_seconds=time.perf_counter() - start, n_train=len(train)))
     return det
 
@@ -281,8 +288,8 @@ def write_combined_outputs(run, config: CombinedConfig, ev: CombinedEvaluation, 
     entry = ev.scores["combined"]
     plots = {
         "ROC of the combined detector": report.plot_roc(ev.scores, out / "plots" / "roc.png"),
-        "Combined score (mixture log-density), in-distribution vs each OOD set": report.plot_score_histograms(
-            entry["in"], entry["ood"], out / "plots" / "scores.png", label="log-density of the features"),
+        "Combined score, in-distribution vs each OOD set": report.plot_score_histograms(
+            entry["in"], entry["ood"], out / "plots" / "scores.png", label="combined score (training std units)"),
     }
     det = ev.detector
     context = {

@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_scalar, validate_data
 
-__all__ = ["DETECTORS", "BaseDetector", "FlowDetector", "GMMDetector", "KNNDetector"]
+__all__ = ["DETECTORS", "BaseDetector", "CombinedDetector", "FlowDetector", "GMMDetector", "KNNDetector"]
 
 _SCORE_CHUNK = 8192
 
@@ -153,9 +153,12 @@ class GMMDetector(BaseDetector):
         self.max_iter = max_iter
 
     def _fit(self, X):
+        return self._fit_mixture(self._fit_scaler(X)) + self._log_abs_det()
+
+    def _fit_mixture(self, Z):
+        """Choose the number of components and fit ``gmm_`` on standardised rows Z; their log-likelihoods (N,)."""
         check_scalar(self.cv, "cv", numbers.Integral, min_val=2)
         rng = check_random_state(self.random_state)
-        Z = self._fit_scaler(X)
         Z_cv = self._cv_subset(Z, rng)
         n_folds = min(self.cv, len(Z_cv))
         smallest_train_fold = len(Z_cv) - math.ceil(len(Z_cv) / n_folds)
@@ -168,7 +171,7 @@ class GMMDetector(BaseDetector):
         self.n_components_ = max(candidates, key=lambda k: self.cv_scores_.get(k, -np.inf))
         self.gmm_ = self._mixture(self.n_components_, _seed(rng)).fit(Z)
         self.n_iter_ = self.gmm_.n_iter_
-        return self.gmm_.score_samples(Z) + self._log_abs_det()
+        return self.gmm_.score_samples(Z)
 
     def _score_samples(self, X):
         return self.gmm_.score_samples(self._standardize(X)) + self._log_abs_det()
@@ -374,6 +377,64 @@ class KNNDetector(BaseDetector):
     def _score_samples(self, X):
         distances, _ = self.neighbors_.kneighbors(self._standardize(X))
         return -distances[:, -1]
+
+
+class CombinedDetector(GMMDetector):
+    """A Gaussian mixture on standardised statistics plus a distance term (ours; see :mod:`dgmood.combined`).
+
+    The last ``distance_columns`` columns of X are log distances to training data (e.g. to the k-th nearest
+    training image in raw pixels); the mixture models the other columns. With every column standardised
+    (training mean and standard deviation), the score of a row is
+
+        score = (log q(z_stats) − m) / s − distance_weight · mean(z_distances),
+
+    where q is the mixture density and m, s the mean and standard deviation of log q over the training rows:
+    both terms are in training standard deviations, so weight 1 gives them equal say. Higher = more
+    in-distribution; shape (n_samples,). With ``distance_columns=0`` it is the standardised mixture score.
+
+    Args:
+        distance_columns: How many trailing columns are log distances (>= 0, fewer than n_features).
+        distance_weight: Weight of the distance term.
+        Other arguments: as :class:`GMMDetector` (``standardize`` is always on).
+
+    Attributes:
+        density_mean_, density_std_: m and s above.
+        Others: as :class:`GMMDetector`.
+    """
+
+    def __init__(self, distance_columns=1, distance_weight=1.0, max_components=20, component_grid=None, cv=10,
+                 acceptance=0.95, random_state=0, cv_max_samples=10_000, reg_covar=1e-5, max_iter=200):
+        super().__init__(max_components=max_components, component_grid=component_grid, cv=cv, standardize=True,
+                         acceptance=acceptance, random_state=random_state, cv_max_samples=cv_max_samples,
+                         reg_covar=reg_covar, max_iter=max_iter)
+        self.distance_columns = distance_columns
+        self.distance_weight = distance_weight
+
+    def _fit(self, X):
+        check_scalar(self.distance_columns, "distance_columns", numbers.Integral, min_val=0)
+        if self.distance_columns >= X.shape[1]:
+            raise ValueError(f"distance_columns={self.distance_columns} leaves the mixture no statistic: X has "
+                             f"{X.shape[1]} feature(s); pass at least one statistic column before the distances")
+        check_scalar(self.distance_weight, "distance_weight", numbers.Real, min_val=0.0)
+        self.standardize = True
+        Z = self._fit_scaler(X)
+        density = self._fit_mixture(Z[:, : self._n_stats])
+        self.density_mean_, self.density_std_ = float(density.mean()), float(density.std()) or 1.0
+        return self._combine(density, Z)
+
+    def _score_samples(self, X):
+        Z = self._standardize(X)
+        return self._combine(self.gmm_.score_samples(Z[:, : self._n_stats]), Z)
+
+    @property
+    def _n_stats(self) -> int:
+        return self.n_features_in_ - self.distance_columns
+
+    def _combine(self, density: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        score = (density - self.density_mean_) / self.density_std_
+        if self.distance_columns:
+            score = score - self.distance_weight * Z[:, self._n_stats:].mean(axis=1)
+        return score
 
 
 DETECTORS = {"gmm": GMMDetector, "flow": FlowDetector, "knn": KNNDetector}

@@ -16,11 +16,11 @@ from sklearn.preprocessing import StandardScaler
 
 from .checkpoint import CheckpointError
 from .files import atomic_write, checksum_matches, remove_leftovers, with_checksum, write_json
-from .detectors import FlowDetector, GMMDetector, KNNDetector
+from .detectors import CombinedDetector, FlowDetector, GMMDetector, KNNDetector
 
 __all__ = ["load_detector", "save_detector"]
 
-_CLASSES = {cls.__name__: cls for cls in (GMMDetector, FlowDetector, KNNDetector)}
+_CLASSES = {cls.__name__: cls for cls in (GMMDetector, FlowDetector, KNNDetector, CombinedDetector)}
 _SCALER = ("mean_", "scale_", "var_")
 _GMM = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
 # detector.json's checksum of its class, params and fitted values (absent in older files). The "meta"
@@ -43,7 +43,8 @@ def _arrays(det) -> dict[str, np.ndarray]:
 
 
 def _scalars(det) -> dict:
-    keys = ("offset_", "n_features_in_", "n_components_", "n_neighbors_", "n_epochs_", "best_epoch_")
+    keys = ("offset_", "n_features_in_", "n_components_", "n_neighbors_", "n_epochs_", "best_epoch_", "density_mean_",
+            "density_std_")
     out = {k: getattr(det, k) for k in keys if hasattr(det, k)}
     if isinstance(det, GMMDetector):
         out["cv_scores_"] = {str(k): v for k, v in det.cv_scores_.items()}
@@ -91,8 +92,8 @@ def _check_restored(det, arrays: dict) -> None:
     d = det.n_features_in_
     shapes = {f"scaler.{k}": (d,) for k in _SCALER} if det.standardize else {}
     if isinstance(det, GMMDetector):
-        k = det.n_components_
-        shapes.update({"gmm.weights_": (k,), "gmm.means_": (k, d), **{f"gmm.{n}": (k, d, d) for n in _GMM[2:]}})
+        k, m = det.n_components_, d - getattr(det, "distance_columns", 0)  # the mixture's own columns
+        shapes.update({"gmm.weights_": (k,), "gmm.means_": (k, m), **{f"gmm.{n}": (k, m, m) for n in _GMM[2:]}})
     elif isinstance(det, KNNDetector):
         shapes["knn.fit_X"] = (len(arrays["knn.fit_X"]), d)
     for name, shape in shapes.items():
