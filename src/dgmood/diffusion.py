@@ -13,6 +13,7 @@ from .noise import BETA_MAX, BETA_MIN, t_to_sigma, vp_score
 __all__ = [
     "RECONSTRUCTION_SIGMAS",
     "flipd",
+    "karras_sigmas",
     "normal_bundle_lid",
     "pf_ode_log_likelihood",
     "reconstruction_error",
@@ -303,7 +304,7 @@ def score_norm(score_fn: ScoreFn, x: torch.Tensor, sigma_min: float) -> torch.Te
     return score_fn(x, _full(x, sigma_min)).flatten(1).norm(dim=1)
 
 
-def _karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> list[float]:
+def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> list[float]:
     """EDM's σ grid σ_max → σ_min in ``steps`` points, ρ-spaced (Karras et al. 2022, eq. 5), then 0."""
     if steps < 2 or sigma_max <= sigma_min:
         return [sigma_max, 0.0]
@@ -314,7 +315,7 @@ def _karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 
 def _pf_ode_denoise(score_fn: ScoreFn, x: torch.Tensor, sigma: float, steps: int, sigma_min: float) -> torch.Tensor:
     """Euler solve of EDM's probability-flow ODE dx/dσ = −σ s(x, σ) from σ to 0 (Karras et al. 2022, eq. 4 and
     Algorithm 1 without the Heun correction); the last step, to σ = 0, is Tweedie's denoiser x + σ² s."""
-    grid = _karras_sigmas(sigma, sigma_min, steps)
+    grid = karras_sigmas(sigma, sigma_min, steps)
     for s_cur, s_next in zip(grid[:-1], grid[1:]):
         x = x + (s_next - s_cur) * (-s_cur * score_fn(x, _full(x, s_cur)))
     return x
