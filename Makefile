@@ -37,7 +37,7 @@ test: venv
 
 bench: venv
 	$(BIN)/pip install -e ".[test,bench]" >/dev/null
-	$(BIN)/python benchmarks/bench.py --threads $(THREADS)
+	$(BIN)/python benchmarks/bench.py --threads $(THREADS) --ablate
 
 # Dual threshold (issue 3): trains what is missing (flow 2500 steps, MNIST score model 1500 steps; the
 # FashionMNIST score model is the demo's), then evaluates both lenses; statistics are cached per run.
