@@ -1,4 +1,5 @@
-"""Reproduce MSMA's findings (Mahmood et al., ICLR 2021), one subcommand per finding.
+"""Reproduce MSMA's findings (Mahmood et al., ICLR 2021) and the dual-threshold paper's (Kamkari et al., ICLR 2024),
+one subcommand per finding.
 
 Each subcommand writes ``OUT/<name>.png`` and ``OUT/<name>.md`` (a markdown table) and prints the
 table; OUT defaults to docs/reproduction. See docs/reproduction.md for the results.
@@ -7,6 +8,10 @@ table; OUT defaults to docs/reproduction. See docs/reproduction.md for the resul
     python benchmarks/reproduce.py msma-toy       # analytic 1-D toy (no model)
     python benchmarks/reproduce.py msma-table14   # demo run's fitted detectors, full test sets
     python benchmarks/reproduce.py msma-fig5      # new σ grids: network passes on 3 × 2000 images
+    python benchmarks/reproduce.py dual-hist      # likelihoods of test, OOD and generated images, both lenses
+    python benchmarks/reproduce.py dual-gen       # "FMNIST-gen vs MNIST" without recalibration, both lenses
+    python benchmarks/reproduce.py dual-ablation  # LPCA-calibrated τ / σ₀ against fixed values
+    python benchmarks/reproduce.py dual-scatter   # the runs' stored dual evaluations redrawn
 """
 
 from __future__ import annotations
@@ -22,19 +27,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
 from dgmood import reproduce as rp  # noqa: E402
+from dgmood import reproduce_dual as rd  # noqa: E402
+from dgmood.data import parse_spec  # noqa: E402
 from dgmood.files import atomic_write  # noqa: E402
 from dgmood.runs import Run, default_in_test, head_spec  # noqa: E402
 
 
-def _write_table(args, name: str, table: str, note: str = "") -> None:
-    """Write OUT/name.md (the command as an HTML comment, the table, an optional note) and print the table."""
+def _write_table(args, name: str, table: str, note: str = "", figures: tuple[str, ...] = ()) -> None:
+    """Write OUT/name.md (the command as an HTML comment, the table, an optional note) and print the table;
+    ``figures`` names the PNGs the command wrote (default name.png)."""
     out, command = args.out, "python benchmarks/reproduce.py " + shlex.join(args.argv)
     text = f"<!-- {command} ({time.strftime('%Y-%m-%d')}) -->\n\n{table}\n" + (f"\n{note}\n" if note else "")
     atomic_write(out / f"{name}.md", lambda p: p.write_text(text, encoding="utf-8"))
     print(table)
     if note:
         print(note)
-    print(f"wrote {out / (name + '.png')} and {out / (name + '.md')}")
+    print(f"wrote {', '.join(str(out / f) for f in figures or [name + '.png'])} and {out / (name + '.md')}")
 
 
 def _run(args) -> Run:
@@ -98,6 +106,98 @@ def msma_fig5(args) -> None:
     _write_table(args, "msma-fig5", rp.markdown_table(rows, columns), note)
 
 
+# ----------------------------------------------------------------------------- the dual-threshold paper
+
+
+def _lenses(args) -> dict:
+    """lens name → (LensStats, stored calibration, set names by role), for each lens of --lenses."""
+    runs = {"diffusion": (args.score_run, args.diffusion_n, args.diffusion_gen),
+            "flow": (args.flow_run, args.flow_n, args.flow_gen)}
+    out = {}
+    for name in args.lenses.split(","):
+        if name not in runs:
+            raise ValueError(f"unknown lens {name!r}; choose diffusion and/or flow")
+        run, n_test, n_gen = runs[name]
+        out[name] = rd.open_lens(rd.LensSetup(run, n_test, n_gen, args.in_spec, args.ood, args.seed, args.progress))
+        if out[name][0].config.lens.lens != name:
+            raise ValueError(f"--{'score' if name == 'diffusion' else 'flow'}-run {run} is not a {name} run")
+    return out
+
+
+def _short_name(spec: str) -> str:
+    """A dataset's name without split or slice (``mnist:test[:500]`` → ``mnist``), a file's stem."""
+    parsed = parse_spec(spec)
+    return parsed.name if parsed.kind in ("named", "synthetic") else Path(parsed.name).stem
+
+
+def _set_names(args) -> dict[str, str]:
+    return {"in": "in-dist. test", "ood": f"OOD ({args.ood})", "generated": "generated"}
+
+
+def _sets_note(lenses: dict, samples: bool = True) -> str:
+    """Which sets each lens used and the seconds per image of the statistics of its samples."""
+    lines = []
+    for name, (stats, calib, specs) in lenses.items():
+        timing = ", ".join(f"{stat} {1000 * s:.0f} ms" for (stat, spec), s in stats.seconds.items()
+                           if spec == specs["generated"])
+        lines.append(f"{name} ({stats.run.directory}): in {specs['in']}, OOD {specs['ood']}, thresholds fitted on "
+                     f"{specs['fit']}" + (f", samples {specs['generated']}" if samples else "")
+                     + f"; {calib['parameter']} = {calib['value']:.4g} (stored calibration, LPCA target "
+                     f"{calib['target_lpca']:.1f})" + (f"; per generated image: {timing}" if timing else "") + ".")
+    return "\n".join(lines)
+
+
+def dual_hist(args) -> None:
+    """Likelihood (bits/dim) histograms of in-distribution test, OOD and generated images (Fig. 2 of the paper)."""
+    lenses = _lenses(args)
+    bpd = {name: {role: stats.bits_per_dim(specs[role]) for role in ("in", "ood", "generated")}
+           for name, (stats, _, specs) in lenses.items()}
+    samples = {name: stats.images[specs["generated"]]() for name, (stats, _, specs) in lenses.items()}
+    rd.plot_hist(bpd, samples, args.out / "dual-hist.png", _set_names(args))
+    table = rp.markdown_table(rd.hist_rows(bpd, _set_names(args)), rd.HIST_COLUMNS)
+    _write_table(args, "dual-hist", table, _sets_note(lenses))
+
+
+def dual_gen(args) -> None:
+    """"FMNIST-gen vs MNIST": the samples as in-distribution set, stored τ / σ₀ and training thresholds (App. D.4)."""
+    lenses = _lenses(args)
+    rows, pairs, thresholds = [], {}, {}
+    for name, (stats, calib, specs) in lenses.items():
+        p = {role: stats.pairs(specs[role], calib["value"]) for role in ("in", "generated", "ood", "fit")}
+        data, ood = _short_name(stats.run.config.data), _short_name(args.ood)
+        for role, what in (("in", "test"), ("generated", "gen")):
+            row = rd.task_row(p[role], p["ood"], p["fit"], stats.config.acceptance)
+            rows.append(dict(row, lens=name, task=f"{data}-{what} vs {ood}"))
+        pairs[name] = {role: p[role] for role in ("in", "generated", "ood")}
+        thresholds[name] = rows[-1]["thresholds"]
+    rd.plot_gen(pairs, thresholds, args.out / "dual-gen.png", _set_names(args))
+    _write_table(args, "dual-gen", rp.markdown_table(rows, rd.GEN_COLUMNS), _sets_note(lenses))
+
+
+def dual_ablation(args) -> None:
+    """AUROCs and mean LID at the LPCA-calibrated τ / σ₀ against fixed multiples of it (App. C, Table 2)."""
+    lenses = _lenses(args)
+    rows = []
+    for stats, calib, specs in lenses.values():
+        rows += rd.ablation_rows(stats, specs, calib, args.factors, stats.config.acceptance,
+                                 log=lambda line: print(line, flush=True))
+    rd.plot_ablation(rows, args.out / "dual-ablation.png")
+    _write_table(args, "dual-ablation", rp.markdown_table(rows, rd.ABLATION_COLUMNS), _sets_note(lenses, False))
+
+
+def dual_scatter(args) -> None:
+    """The runs' stored dual evaluations redrawn from cached statistics: likelihood–LID scatter and dual ROC."""
+    rows, notes = [], []
+    for run in (args.score_run, args.flow_run):
+        part, evaluation = rd.scatter_outputs(run, args.out, args.progress)
+        rows += part
+        notes.append(f"{part[0]['lens']} ({run}): in {evaluation['in']}, thresholds fitted on the first "
+                     f"{evaluation['fit_n']} training images")
+    figures = tuple(f"dual-{kind}-{lens}.png" for lens in dict.fromkeys(r["lens"] for r in rows)
+                    for kind in ("scatter", "roc"))
+    _write_table(args, "dual-scatter", rp.markdown_table(rows, rd.SCATTER_COLUMNS), "; ".join(notes) + ".", figures)
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
@@ -135,6 +235,32 @@ def parser() -> argparse.ArgumentParser:
     f5.add_argument("--sigma-low", type=float, default=0.01, help="σ_L of every grid")
     f5.add_argument("--l-default", type=int, default=10, help="L of the σ_H sweep")
     f5.add_argument("--sigma-high-default", type=float, default=1.0, help="σ_H of the L sweep")
+
+    def with_lenses(name: str, func, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.add_argument("--score-run", type=Path, default=Path("runs/demo"), help="score-model run (diffusion lens)")
+        s.add_argument("--flow-run", type=Path, default=Path("runs/flow"), help="flow run (flow lens)")
+        s.add_argument("--progress", action="store_true", help="show progress bars of network passes")
+        s.set_defaults(func=func)
+        if name == "dual-scatter":  # the sets of the stored evaluations
+            return s
+        s.add_argument("--lenses", default="diffusion,flow", help="comma-separated lenses")
+        s.add_argument("--in", dest="in_spec", default="", help="in-distribution test set (default: NAME:test)")
+        s.add_argument("--ood", default="mnist:test", help="OOD test set")
+        s.add_argument("--diffusion-n", type=int, default=500,
+                       help="first N images of the in-dist. test, OOD and training sets (diffusion lens)")
+        s.add_argument("--flow-n", type=int, default=150, help="the same for the flow lens")
+        s.add_argument("--diffusion-gen", type=int, default=200, help="samples of the score model")
+        s.add_argument("--flow-gen", type=int, default=150, help="samples of the flow")
+        s.add_argument("--seed", type=int, default=0, help="seed of the samples")
+        return s
+
+    with_lenses("dual-hist", dual_hist, "likelihoods of test, OOD and generated images (dual-threshold Fig. 2)")
+    with_lenses("dual-gen", dual_gen, "generated vs OOD without recalibration (dual-threshold App. D.4)")
+    ab = with_lenses("dual-ablation", dual_ablation, "LPCA-calibrated vs fixed τ / σ₀ (dual-threshold App. C)")
+    ab.add_argument("--factors", type=_floats, default=[0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0],
+                    help="multiples of the calibrated τ / σ₀")
+    with_lenses("dual-scatter", dual_scatter, "the stored dual evaluations redrawn (dual-threshold Figs. 1, 4)")
     return p
 
 
