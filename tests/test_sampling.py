@@ -1,4 +1,4 @@
-"""EDM Heun sampler: exact on a Gaussian's probability-flow ODE in the limit, second order, and the ScoreNet contract."""
+"""EDM Heun sampler: converges to a Gaussian's exact probability-flow ODE at second order; the ScoreNet contract."""
 
 import numpy as np
 import pytest
