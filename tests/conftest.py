@@ -18,3 +18,18 @@ def data_dir() -> Path:
     if not (root / "fashion-mnist").is_dir():
         pytest.skip(f"no dataset directory at {root}; set DGMOOD_DATA")
     return root
+
+
+def write_pooled_sets(root: Path, data_dir: Path, sizes: dict[str, tuple[str, int]]) -> dict[str, Path]:
+    """Real images average-pooled to 8×8 (D = 64, so Jacobians, LPCA and mixtures stay cheap), saved as
+    ``root/NAME.npy`` in (N, H, W, C) layout; ``sizes`` maps NAME → (dataset spec, first n images)."""
+    import numpy as np
+
+    from dgmood.data import load_images
+
+    paths = {}
+    for name, (spec, n) in sizes.items():
+        x = torch.from_numpy(load_images(spec, data_dir)[:n])
+        paths[name] = root / f"{name}.npy"
+        np.save(paths[name], torch.nn.functional.adaptive_avg_pool2d(x, 8).numpy().transpose(0, 2, 3, 1))
+    return paths

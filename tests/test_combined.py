@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import write_pooled_sets
 
 from dgmood import cli
 from dgmood.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
-from dgmood.data import load_images
 from dgmood.flow import FlowConfig
 from dgmood.metrics import METRIC_NAMES
 from dgmood.network import NetConfig
@@ -21,20 +20,10 @@ def invoke(*args):
     return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _small(spec: str, data_dir, n: int) -> np.ndarray:
-    """Real images average-pooled to 8×8, as (N, H, W, C) for a .npy file."""
-    x = torch.from_numpy(load_images(spec, data_dir)[:n])
-    return torch.nn.functional.adaptive_avg_pool2d(x, 8).numpy().transpose(0, 2, 3, 1)
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("combined-sets")
-    paths = {}
-    for name, spec, n in [("train", "fashion-mnist", 300), ("in", "fashion-mnist:test", 40),
-                          ("mnist", "mnist:test", 40)]:
-        paths[name] = root / f"{name}.npy"
-        np.save(paths[name], _small(spec, data_dir, n))
+    paths = write_pooled_sets(tmp_path_factory.mktemp("combined-sets"), data_dir, {
+        "train": ("fashion-mnist", 300), "in": ("fashion-mnist:test", 40), "mnist": ("mnist:test", 40)})
     paths["ood"] = (str(paths["mnist"]), "uniform[:40]")
     return paths
 
@@ -42,7 +31,8 @@ def sets(tmp_path_factory, data_dir):
 def _make_run(path, data_dir, sets, net, steps) -> Run:
     run = Run(path, data_dir=data_dir, progress=False)
     run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,
-                         features=FeatureConfig(fit_n=200), train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps)))
+                         features=FeatureConfig(fit_n=200),
+                         train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps)))
     run.train()
     return run
 

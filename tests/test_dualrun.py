@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import write_pooled_sets
 
 from dgmood.cli import main
-from dgmood.data import load_images
 from dgmood.dualrun import DualConfig, evaluate_dual
 from dgmood.flow import FlowConfig
 from dgmood.lens import LensConfig, StatCache
@@ -22,21 +21,11 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _small(spec: str, data_dir, n: int) -> np.ndarray:
-    """Real images, average-pooled to 8×8 (D = 64) so that Jacobians and LPCA stay cheap in a unit test."""
-    x = torch.from_numpy(load_images(spec, data_dir)[:n])
-    return torch.nn.functional.adaptive_avg_pool2d(x, 8).numpy().transpose(0, 2, 3, 1)  # (N, H, W, C) files
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory, data_dir):
     """Paths of 8×8 FashionMNIST train/test and MNIST test sets as .npy files, and the OOD specs."""
-    root = tmp_path_factory.mktemp("sets")
-    paths = {}
-    for name, spec, n in [("train", "fashion-mnist", 300), ("in", "fashion-mnist:test", 16),
-                          ("mnist", "mnist:test", 16)]:
-        paths[name] = root / f"{name}.npy"
-        np.save(paths[name], _small(spec, data_dir, n))
+    paths = write_pooled_sets(tmp_path_factory.mktemp("sets"), data_dir, {
+        "train": ("fashion-mnist", 300), "in": ("fashion-mnist:test", 16), "mnist": ("mnist:test", 16)})
     paths["ood"] = (str(paths["mnist"]), "uniform[:16]")
     return paths
 
