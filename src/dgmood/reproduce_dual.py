@@ -286,7 +286,7 @@ def _sample_grid(images: np.ndarray, side: int) -> np.ndarray:
 
 
 def plot_hist(bpd: Mapping[str, Mapping[str, np.ndarray]], samples: Mapping[str, np.ndarray], path: str | Path,
-              names: Mapping[str, str] | None = None, side: int = 6) -> Path:
+              names: Mapping[str, str] | None = None, side: int = 5) -> Path:
     """Top: bits/dim histograms of each set, one panel per lens (the paper's Fig. 2); bottom: the generated samples.
 
     Arguments:
@@ -297,7 +297,7 @@ def plot_hist(bpd: Mapping[str, Mapping[str, np.ndarray]], samples: Mapping[str,
         side: Samples per row and column of the grid.
     """
     names = {**SET_LABELS, **(names or {})}
-    fig, axes = _figure(2, len(bpd), (4.6 * len(bpd), 8.4))
+    fig, axes = _figure(2, len(bpd), (4.6 * len(bpd), 7.4))
     for j, (lens, sets) in enumerate(bpd.items()):
         ax = axes[0, j]
         pooled = np.concatenate([np.asarray(v, dtype=np.float64) for v in sets.values()])
@@ -311,7 +311,7 @@ def plot_hist(bpd: Mapping[str, Mapping[str, np.ndarray]], samples: Mapping[str,
         ax.set(xlabel="bits per dimension (lower = more likely)", ylabel="density", title=f"{lens} lens")
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
-        axes[1, j].imshow(_sample_grid(samples[lens], side), cmap="gray", vmin=0, vmax=1)
+        axes[1, j].imshow(_sample_grid(samples[lens], side), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[1, j].set_title(f"{lens}: first {side * side} generated samples", fontsize="medium")
         axes[1, j].axis("off")
     return _save(fig, path)
