@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_RUN ?= runs/demo
 DEMO_ARGS ?= --steps 1500 --fit-n 5000 --in fashion-mnist:test[:5000] --ood mnist:test[:5000] --ood uniform[:2000] --ood gaussian[:2000]
 
-.PHONY: venv demo test bench bench-dual clean-venv
+.PHONY: venv demo test bench bench-dual reproduce clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-dual: venv
 	$(BIN)/dgmood train --run runs/flow --model flow --steps 2500 --checkpoint-every 250 --threads $(THREADS) --quiet
 	$(BIN)/dgmood train --run runs/mnist-score --data mnist --steps 1500 --threads $(THREADS) --quiet
 	$(BIN)/python benchmarks/dual.py --score-run $(DEMO_RUN) --threads $(THREADS) --only flow,flipd,flipd-small,nb,mnist
+
+# Every figure and table of docs/reproduction.md (needs the runs of `make demo` and `make bench-dual`).
+reproduce: venv
+	$(BIN)/python benchmarks/reproduce.py --threads $(THREADS) all
 
 clean-venv:
 	rm -rf $(VENV)

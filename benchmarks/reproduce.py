@@ -261,12 +261,20 @@ def parser() -> argparse.ArgumentParser:
     ab.add_argument("--factors", type=_floats, default=[0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0],
                     help="multiples of the calibrated τ / σ₀")
     with_lenses("dual-scatter", dual_scatter, "the stored dual evaluations redrawn (dual-threshold Figs. 1, 4)")
+    sub.add_parser("all", help="every command above with its defaults: regenerates every figure and table")
     return p
+
+
+COMMANDS = ("msma-fig1", "msma-toy", "msma-table14", "msma-fig5", "dual-hist", "dual-gen", "dual-ablation",
+            "dual-scatter")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    if args.command == "all":
+        common = ["--out", str(args.out), "--threads", str(args.threads)]
+        return max(main([*common, name]) for name in COMMANDS)
     args.argv = argv
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -159,3 +159,11 @@ def test_script_without_a_run_fails_with_one_line(tmp_path, capsys):
     assert _script().main(["--out", str(tmp_path), "msma-fig1", "--run", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_script_all_runs_every_command_with_the_shared_options(tmp_path, monkeypatch):
+    script, calls = _script(), []
+    for name in script.COMMANDS:
+        monkeypatch.setattr(script, name.replace("-", "_"), lambda args, n=name: calls.append((n, args.out)))
+    assert script.main(["--out", str(tmp_path), "all"]) == 0
+    assert calls == [(name, tmp_path) for name in script.COMMANDS]
