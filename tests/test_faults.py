@@ -420,17 +420,21 @@ def _written(target: Path, mode: str) -> bool:
     return (target / "metrics.json").exists() if mode == "metrics" else target.exists()
 
 
-def _kill_writer(tmp_path: Path, mode: str, kills: int, check, seed: int) -> Counter:
+def _kill_writer(tmp_path: Path, mode: str, kills: int, check, seed: int, mid_write: bool = False) -> Counter:
     """Start the writer ``kills`` times, SIGKILL it after a random delay, check the target each time.
 
-    ``check(target)`` returns the complete version(s) on disk; they must never go backwards.
+    ``check(target)`` returns the complete version(s) on disk; they must never go backwards. With ``mid_write``
+    it goes on (up to 5 × ``kills`` times) until at least one kill has landed mid-write: on a busy machine
+    the random delays alone may all miss the write.
     """
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     target = tmp_path / mode / ("data.bin" if mode in ("bytes", "naive") else "")
     target.parent.mkdir(exist_ok=True)
     rng, stats, last = np.random.default_rng(seed), Counter(), None
-    for kill in range(kills):
+    for kill in range(5 * kills if mid_write else kills):
+        if kill >= kills and stats["kills mid-write"]:
+            break
         start = 1 if last is None else max(np.atleast_1d(last)) + 1
         proc = subprocess.Popen([sys.executable, str(script), mode, str(target), str(start)], env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -464,19 +468,19 @@ def test_killed_naive_writer_leaves_partial_files(tmp_path):
 
 
 def test_killed_atomic_write_leaves_old_or_new_complete_file(tmp_path):
-    stats = _kill_writer(tmp_path, "bytes", 12, _bytes_version, seed=SEED + 1)
+    stats = _kill_writer(tmp_path, "bytes", 12, _bytes_version, seed=SEED + 1, mid_write=True)
     assert stats["partial"] == 0, stats
     assert stats["kills mid-write"] >= 1, f"no kill landed mid-write: {stats}"
 
 
 def test_killed_feature_cache_save_leaves_a_loadable_cache(tmp_path):
-    stats = _kill_writer(tmp_path, "features", 5, _features_version, seed=SEED + 2)
+    stats = _kill_writer(tmp_path, "features", 5, _features_version, seed=SEED + 2, mid_write=True)
     assert stats["partial"] == 0, stats
     assert stats["kills mid-write"] >= 1, f"no kill landed mid-write: {stats}"
 
 
 def test_killed_write_metrics_leaves_complete_metrics_files(tmp_path):
-    stats = _kill_writer(tmp_path, "metrics", 8, _metrics_versions, seed=SEED + 3)
+    stats = _kill_writer(tmp_path, "metrics", 8, _metrics_versions, seed=SEED + 3, mid_write=True)
     assert stats["partial"] == 0, stats
     assert stats["kills mid-write"] >= 1, f"no kill landed mid-write: {stats}"
 
