@@ -33,3 +33,14 @@ def write_pooled_sets(root: Path, data_dir: Path, sizes: dict[str, tuple[str, in
         paths[name] = root / f"{name}.npy"
         np.save(paths[name], torch.nn.functional.adaptive_avg_pool2d(x, 8).numpy().transpose(0, 2, 3, 1))
     return paths
+
+
+def load_script(name: str):
+    """A script of ``benchmarks/`` imported as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

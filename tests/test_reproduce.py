@@ -1,11 +1,11 @@
 """MSMA reproduction: the analytic 1-D toy and the table/figure functions on tiny synthetic inputs."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from dgmood import reproduce as rp
 from dgmood.features import score_norms
@@ -141,11 +141,7 @@ def test_fig5_table_with_a_tiny_score_model():
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-    spec = importlib.util.spec_from_file_location("reproduce_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce")
 
 
 def test_script_msma_toy_writes_figure_and_table(tmp_path, capsys):

@@ -1,13 +1,13 @@
 """Dual-threshold reproduction: table functions on known cases, sample and statistic caching, the four commands
 end to end on tiny 8×8 runs with stored dual evaluations."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from dgmood import lens as lens_module
 from dgmood import reproduce_dual as rd
@@ -93,11 +93,7 @@ def runs(tmp_path_factory, data_dir):
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-    spec = importlib.util.spec_from_file_location("reproduce_script_dual", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce")
 
 
 def _command(runs, name, out, *extra):
