@@ -1,7 +1,5 @@
 """MSMA reproduction: the analytic 1-D toy and the table/figure functions on tiny synthetic inputs."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

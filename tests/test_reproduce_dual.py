@@ -2,7 +2,6 @@
 end to end on tiny 8×8 runs with stored dual evaluations."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
