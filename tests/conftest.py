@@ -44,3 +44,17 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_tiny_run(path: Path, data_dir: Path, sets: dict, net, steps: int, perturb: float = 0.0, features=None):
+    """A run on the pooled sets of :func:`write_pooled_sets` (``train``, ``in``), trained ``steps`` steps of 32."""
+    from dgmood.runs import FeatureConfig, Run, RunConfig
+    from dgmood.train import TrainConfig
+
+    run = Run(path, data_dir=data_dir, progress=False)
+    run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,
+                         features=features or FeatureConfig(),
+                         train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps,
+                                           perturb=perturb)))
+    run.train()
+    return run

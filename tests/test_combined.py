@@ -5,15 +5,14 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_pooled_sets
+from conftest import make_tiny_run, write_pooled_sets
 
 from dgmood import cli
 from dgmood.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
 from dgmood.flow import FlowConfig
 from dgmood.metrics import METRIC_NAMES
 from dgmood.network import NetConfig
-from dgmood.runs import FeatureConfig, Run, RunConfig
-from dgmood.train import TrainConfig
+from dgmood.runs import FeatureConfig
 
 
 def invoke(*args):
@@ -28,19 +27,11 @@ def sets(tmp_path_factory, data_dir):
     return paths
 
 
-def _make_run(path, data_dir, sets, net, steps) -> Run:
-    run = Run(path, data_dir=data_dir, progress=False)
-    run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,
-                         features=FeatureConfig(fit_n=200),
-                         train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps)))
-    run.train()
-    return run
-
-
 @pytest.fixture(scope="module")
 def score_run(tmp_path_factory, data_dir, sets):
-    return _make_run(tmp_path_factory.mktemp("combined") / "score", data_dir, sets,
-                     NetConfig(image_shape=(1, 8, 8), channels=(8, 16)), steps=100)
+    return make_tiny_run(tmp_path_factory.mktemp("combined") / "score", data_dir, sets,
+                         NetConfig(image_shape=(1, 8, 8), channels=(8, 16)), steps=100,
+                         features=FeatureConfig(fit_n=200))
 
 
 def _ood_args(sets):
@@ -133,7 +124,8 @@ def test_feature_subset_changes_the_mixture_and_extra_sets_are_scored(score_run,
 
 
 def test_flow_run_and_bad_features_are_clean_cli_errors(tmp_path, data_dir, sets, score_run):
-    flow = _make_run(tmp_path / "flow", data_dir, sets, FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=8, bins=4), 2)
+    flow = make_tiny_run(tmp_path / "flow", data_dir, sets, FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=8, bins=4),
+                         2, features=FeatureConfig(fit_n=200))
     result = invoke("evaluate", "--run", flow.directory, "--data-dir", data_dir, "--method", "combined", "--quiet")
     assert result.exit_code != 0 and "needs a score model" in result.output
     result = invoke("evaluate", "--run", score_run.directory, "--data-dir", data_dir, "--method", "combined",

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_pooled_sets
+from conftest import make_tiny_run, write_pooled_sets
 
 from dgmood.cli import main
 from dgmood.dualrun import DualConfig, evaluate_dual
@@ -13,8 +13,6 @@ from dgmood.flow import FlowConfig
 from dgmood.lens import LensConfig, StatCache
 from dgmood.metrics import METRIC_NAMES
 from dgmood.network import NetConfig
-from dgmood.runs import Run, RunConfig
-from dgmood.train import TrainConfig
 
 
 def invoke(*args):
@@ -30,25 +28,16 @@ def sets(tmp_path_factory, data_dir):
     return paths
 
 
-def _make_run(path, data_dir, sets, net, steps, perturb=0.0) -> Run:
-    run = Run(path, data_dir=data_dir, progress=False)
-    run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,
-                         train=TrainConfig(steps=steps, batch_size=32, warmup=2, checkpoint_every=steps,
-                                           perturb=perturb)))
-    run.train()
-    return run
-
-
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, data_dir, sets):
     net = FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=8, bins=4)
-    return _make_run(tmp_path_factory.mktemp("dual") / "flow", data_dir, sets, net, steps=40)
+    return make_tiny_run(tmp_path_factory.mktemp("dual") / "flow", data_dir, sets, net, steps=40)
 
 
 @pytest.fixture(scope="module")
 def score_run(tmp_path_factory, data_dir, sets):
     net = NetConfig(image_shape=(1, 8, 8), channels=(8, 16))
-    return _make_run(tmp_path_factory.mktemp("dual") / "score", data_dir, sets, net, steps=150)
+    return make_tiny_run(tmp_path_factory.mktemp("dual") / "score", data_dir, sets, net, steps=150)
 
 
 def _check_outputs(directory, methods, ood):
@@ -86,7 +75,7 @@ def test_flow_lens_from_the_cli(flow_run, data_dir, sets):
 
 def test_likelihood_ratio_with_a_background_flow(flow_run, tmp_path, data_dir, sets):
     net = FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=8, bins=4)
-    background = _make_run(tmp_path / "background", data_dir, sets, net, steps=20, perturb=0.15)
+    background = make_tiny_run(tmp_path / "background", data_dir, sets, net, steps=20, perturb=0.15)
     config = DualConfig(lens=LensConfig("flow", "jacobian"), fit_n=16, background=str(background.directory))
     ev = evaluate_dual(flow_run, config, list(sets["ood"]))
     in_spec = str(sets["in"])

@@ -30,7 +30,7 @@ regenerates most of the image."""
 # --- shared pieces ----------------------------------------------------------------------------------------------
 
 
-def _full(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def sigma_like(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """σ broadcast to shape (N,) in the dtype and device of x."""
     return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
@@ -226,7 +226,7 @@ def flipd(
     v = None if exact else _draw_probes((probes, *x.shape), probe, generator, x.dtype, x.device)
     with torch.enable_grad():
         xg = x.requires_grad_(True)
-        score = score_fn(xg, _full(x, sigma0))
+        score = score_fn(xg, sigma_like(x, sigma0))
         trace = _jacobian_trace(score, xg, v)
     return (x[0].numel() + sigma0**2 * (trace + score.flatten(1).square().sum(1))).detach()
 
@@ -288,7 +288,7 @@ def normal_bundle_lid(
     for idx in owner.split(batch_size):
         eps = torch.randn((len(idx), *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
         x_tilde = x[idx] + sigma * eps
-        scores.append(score_fn(x_tilde, _full(x_tilde, sigma)).flatten(1))
+        scores.append(score_fn(x_tilde, sigma_like(x_tilde, sigma)).flatten(1))
     matrix = torch.cat(scores).view(n, k, d)  # transposed D × K stack: same singular values
     singular_values = torch.linalg.svdvals(matrix)
     normal_dim = _largest_gap_normal_dim(singular_values) if tau is None else (singular_values > tau).sum(1)
@@ -301,7 +301,7 @@ def normal_bundle_lid(
 @torch.no_grad()
 def score_norm(score_fn: ScoreFn, x: torch.Tensor, sigma_min: float) -> torch.Tensor:
     """Baseline ‖s(x, σ_min)‖₂ over all pixels (METHODS §3), shape (N,), units 1/pixel (higher = more OOD)."""
-    return score_fn(x, _full(x, sigma_min)).flatten(1).norm(dim=1)
+    return score_fn(x, sigma_like(x, sigma_min)).flatten(1).norm(dim=1)
 
 
 def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> list[float]:
@@ -317,7 +317,7 @@ def _pf_ode_denoise(score_fn: ScoreFn, x: torch.Tensor, sigma: float, steps: int
     Algorithm 1 without the Heun correction); the last step, to σ = 0, is Tweedie's denoiser x + σ² s."""
     grid = karras_sigmas(sigma, sigma_min, steps)
     for s_cur, s_next in zip(grid[:-1], grid[1:]):
-        x = x + (s_next - s_cur) * (-s_cur * score_fn(x, _full(x, s_cur)))
+        x = x + (s_next - s_cur) * (-s_cur * score_fn(x, sigma_like(x, s_cur)))
     return x
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from .lens import LID_STATISTIC, LensConfig, StatCache, settings_dict
 
-__all__ = ["DualConfig", "DualEvaluation", "calibration", "evaluate_dual", "write_dual_outputs"]
+__all__ = ["DualConfig", "DualEvaluation", "calibration", "calibration_set_name", "evaluate_dual", "lid_from_sv",
+           "write_dual_outputs"]
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,17 @@ def _background_run(run, directory: str):
 # --- calibration ---------------------------------------------------------------------------------------------
 
 
+def calibration_set_name(data: str, n: int, seed: int) -> str:
+    """The dataset name the LID calibration points' statistics are cached under."""
+    return f"calibration:{data}:n{n}:seed{seed}"
+
+
 def _calibration_images(stats: _Stats, config: DualConfig) -> tuple[str, np.ndarray]:
     from .calibrate import calibration_points
 
     data = stats.run.config.data
     idx = calibration_points(len(stats.train), config.calibration_n, seed=config.lens.seed)
-    return f"calibration:{data}:n{config.calibration_n}:seed{config.lens.seed}", stats.train[idx]
+    return calibration_set_name(data, config.calibration_n, config.lens.seed), stats.train[idx]
 
 
 def _head(stats: _Stats, n: int) -> str:
@@ -164,10 +170,10 @@ def _calibrate(stats: _Stats, config: DualConfig, target: float) -> dict:
     sv = stats.get(LID_STATISTIC[lens.lid], name, lambda: images)
     dim = images[0].size
     tau = calibrate.calibrate_tau(sv, target, kind="flow" if lens.lid == "jacobian" else "normal_bundle", dim=dim)
-    return {"parameter": "tau", "value": tau, "achieved": float(_lid_from_sv(sv, tau, lens.lid, dim).mean())}
+    return {"parameter": "tau", "value": tau, "achieved": float(lid_from_sv(sv, tau, lens.lid, dim).mean())}
 
 
-def _lid_from_sv(sv: np.ndarray, tau: float, lid: str, dim: int) -> np.ndarray:
+def lid_from_sv(sv: np.ndarray, tau: float, lid: str, dim: int) -> np.ndarray:
     """Flow: LID = #{s > τ}; normal bundle: LID = D − #{s > τ} (METHODS §3), shape (N,)."""
     above = (sv > tau).sum(axis=1).astype(np.float64)
     return above if lid == "jacobian" else dim - above
@@ -201,7 +207,7 @@ def _lid(stats: _Stats, spec: str, calib: dict) -> np.ndarray:
     if lid == "flipd":
         return stats.get("flipd", spec, sigma0=calib["value"])
     dim = int(np.prod(stats.run.config.net.image_shape))
-    return _lid_from_sv(stats.get(LID_STATISTIC[lid], spec), calib["value"], lid, dim)
+    return lid_from_sv(stats.get(LID_STATISTIC[lid], spec), calib["value"], lid, dim)
 
 
 def _pair(stats: _Stats, spec: str, calib: dict) -> np.ndarray:

@@ -30,6 +30,7 @@ __all__ = [
     "plot_embedding",
     "plot_histograms",
     "plot_score_histograms",
+    "subsample",
     "plot_pairs",
     "plot_roc",
     "write_metrics",
@@ -213,7 +214,7 @@ def _ood_names(scores: Mapping) -> list[str]:
     return list(names)
 
 
-def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``n`` rows of ``x``, drawn without replacement."""
     return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
 
@@ -420,7 +421,7 @@ def plot_embedding(
     transform, ratio = _fit_embedding(features_train)
     rng = np.random.default_rng(seed)
     sets = {"in-dist. test": features_in, **features_ood}
-    points = [transform(_subsample(np.asarray(x), _MAX_POINTS, rng)) for x in sets.values()]
+    points = [transform(subsample(np.asarray(x), _MAX_POINTS, rng)) for x in sets.values()]
     colors = np.concatenate([np.full(len(z), j % 10) for j, z in enumerate(points)])
     order = rng.permutation(len(colors))  # interleave the sets so none is systematically hidden
     z = np.concatenate(points)[order]
@@ -451,9 +452,9 @@ def plot_pairs(pairs_in: np.ndarray, pairs_ood: Mapping[str, np.ndarray], path: 
     """
     rng = np.random.default_rng(seed)
     fig, axes = _new_figure(len(pairs_ood), 3, (4.6, 4.2))
-    inside = _subsample(np.asarray(pairs_in), _MAX_POINTS, rng)
+    inside = subsample(np.asarray(pairs_in), _MAX_POINTS, rng)
     for ax, (name, pairs) in zip(axes, pairs_ood.items()):
-        out = _subsample(np.asarray(pairs), _MAX_POINTS, rng)
+        out = subsample(np.asarray(pairs), _MAX_POINTS, rng)
         ax.scatter(inside[:, 0], inside[:, 1], s=5, alpha=0.4, lw=0, color="C0", label=f"in-dist. (n={len(pairs_in)})")
         ax.scatter(out[:, 0], out[:, 1], s=5, alpha=0.4, lw=0, color="C3", label=f"{name} (n={len(pairs)})")
         if thresholds is not None:

@@ -24,13 +24,14 @@ from .detectors import DETECTORS, KNNDetector  # noqa: E402
 from .files import atomic_write  # noqa: E402
 from .metrics import aupr_in, auroc, fpr_at_tpr, roc_curve  # noqa: E402
 from .noise import geometric_sigmas  # noqa: E402
-from .report import embed_2d  # noqa: E402
+from .report import embed_2d, subsample  # noqa: E402
 from .toy import (MSMA_TOY_MEANS, MSMA_TOY_POINTS, MSMA_TOY_SIGMAS, MSMA_TOY_STDS,  # noqa: E402
                   MSMA_TOY_WEIGHTS, smoothed_mixture_log_density, smoothed_mixture_score_norm)
 
 __all__ = [
     "FIG1_COLUMNS", "FIG5_COLUMNS", "MSMA_TABLE14", "TABLE14_COLUMNS", "fig1_table", "fig5_grids", "fig5_table",
-    "markdown_table", "plot_fig1", "plot_fig5", "plot_table14", "plot_toy", "table14", "toy_columns", "toy_table",
+    "figure_grid", "markdown_table", "plot_fig1", "plot_fig5", "plot_table14", "plot_toy", "save_png", "table14", "toy_columns",
+    "toy_table",
 ]
 
 _DPI = 90
@@ -61,19 +62,16 @@ def markdown_table(rows: Sequence[Mapping], columns: Mapping[str, tuple[str, str
     return "\n".join("| " + " | ".join(line) + " |" for line in [header, rule, *body])
 
 
-def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+def figure_grid(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """An Agg figure of ``size`` inches with an (nrows, ncols) array of axes."""
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
     """Atomically save ``fig`` as a modest-dpi PNG (committed figures stay well under 200 KB)."""
     return atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=_DPI))
-
-
-def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
 
 
 def _check_features(**arrays: np.ndarray) -> int:
@@ -151,20 +149,20 @@ def plot_fig1(train: np.ndarray, test_in: np.ndarray, test_ood: np.ndarray, sigm
     """
     sigmas = np.asarray(sigmas, dtype=np.float64).ravel()
     lo, hi = int(np.argmin(sigmas)), int(np.argmax(sigmas))
-    fig, axes = _figure(1, 3, (15.0, 4.4))
+    fig, axes = figure_grid(1, 3, (15.0, 4.4))
     for ax, i, tag in ((axes[0, 0], lo, "lowest"), (axes[0, 1], hi, "highest")):
         a = auroc(-test_in[:, i], -test_ood[:, i])
         _histogram_panel(ax, test_in[:, i], test_ood[:, i], ood_name,
                          f"{tag} σ = {sigmas[i]:.3g} alone: AUROC {a:.3f}")
     rng = np.random.default_rng(seed)
-    _, z_in, z_ood = embed_2d(train, _subsample(test_in, _MAX_POINTS, rng), _subsample(test_ood, _MAX_POINTS, rng))
+    _, z_in, z_ood = embed_2d(train, subsample(test_in, _MAX_POINTS, rng), subsample(test_ood, _MAX_POINTS, rng))
     ax = axes[0, 2]
     ax.scatter(z_in[:, 0], z_in[:, 1], s=4, lw=0, alpha=0.4, color="C0", label="in-dist. test")
     ax.scatter(z_ood[:, 0], z_ood[:, 1], s=4, lw=0, alpha=0.4, color="C1", label=ood_name)
     knn = _knn_auroc(train, test_in, test_ood)
     ax.set(title=f"all {len(sigmas)} σ (log, standardised, PCA): 5-NN AUROC {knn:.3f}", xlabel="PC1", ylabel="PC2")
     ax.legend(fontsize="small", markerscale=3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- MSMA Figs. 2-3 (1-D toy)
@@ -203,7 +201,7 @@ def plot_toy(path: str | Path, sigmas=MSMA_TOY_SIGMAS, points: Mapping[str, floa
     """
     x = np.linspace(-10.0, 70.0, 1601) if x is None else np.asarray(x, dtype=np.float64)
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    fig, axes = _figure(2, len(sigmas), (4.2 * len(sigmas), 6.0))
+    fig, axes = figure_grid(2, len(sigmas), (4.2 * len(sigmas), 6.0))
     marks = np.array(list(points.values()), dtype=np.float64)
     for j, s in enumerate(sigmas):
         density = np.exp(smoothed_mixture_log_density(x, s))
@@ -220,7 +218,7 @@ def plot_toy(path: str | Path, sigmas=MSMA_TOY_SIGMAS, points: Mapping[str, floa
             ax.set_xlim(x[0], x[-1])
     axes[0, 0].legend(fontsize="small")
     fig.suptitle(f"1-D toy: {_toy_label()}; marks at x = {', '.join(f'{m:g}' for m in marks)}", fontsize="medium")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _toy_label() -> str:
@@ -276,7 +274,7 @@ def plot_table14(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str 
         path: Output PNG.
         ood_name: Title name of the OOD set.
     """
-    fig, axes = _figure(1, 1, (5.2, 5.0))
+    fig, axes = figure_grid(1, 1, (5.2, 5.0))
     ax = axes[0, 0]
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.6")
     ax.axhline(0.8, ls=":", lw=1, color="0.4")
@@ -291,7 +289,7 @@ def plot_table14(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str 
            ylabel="TPR (in-dist. accepted)", title=f"in-dist. vs {ood_name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- MSMA Fig. 5 (L and σ_H sweep)
@@ -361,7 +359,7 @@ def plot_fig5(rows: Sequence[Mapping], path: str | Path, detectors: Sequence[str
         path: Output PNG.
         detectors: Which ``auroc_<detector>`` columns to draw.
     """
-    fig, axes = _figure(1, 2, (10.0, 4.0))
+    fig, axes = figure_grid(1, 2, (10.0, 4.0))
     for ax, sweep, key, label in ((axes[0, 0], "L", "L", "L (number of σ levels)"),
                                   (axes[0, 1], "sigma_high", "sigma_high", "σ_H (largest σ)")):
         part = sorted((r for r in rows if r["sweep"] == sweep), key=lambda r: r[key])
@@ -376,4 +374,4 @@ def plot_fig5(rows: Sequence[Mapping], path: str | Path, detectors: Sequence[str
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)

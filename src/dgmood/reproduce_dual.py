@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from .dual import DualThresholdDetector, optimal_roc_auc
-from .dualrun import DualConfig, evaluate_dual
+from .dualrun import DualConfig, calibration_set_name, evaluate_dual, lid_from_sv
 from .features import NPZ_ERRORS, read_npz, write_npz
 from .flow import bits_per_dim
 from .lens import LID_STATISTIC, LIDS, LensConfig, StatCache
 from .metrics import auroc
-from .reproduce import _figure, _save
+from .reproduce import figure_grid, save_png
 from .runs import Run, default_in_test, head_spec
 
 __all__ = [
@@ -181,7 +181,7 @@ class LensStats:
             return self.stat("flipd", spec, sigma0=float(value))
         if lid != "jacobian":
             raise ValueError(f"LID {lid!r} is not reproduced here; use jacobian (flow) or flipd (diffusion)")
-        return (self.stat(LID_STATISTIC[lid], spec) > value).sum(axis=1).astype(np.float64)
+        return lid_from_sv(self.stat(LID_STATISTIC[lid], spec), value, lid, self.dim)
 
     def pairs(self, spec: str, value: float) -> np.ndarray:
         """(log-likelihood in nats, LID at ``value``) per image, shape (N, 2): higher = more in-distribution."""
@@ -192,7 +192,7 @@ class LensStats:
         from .calibrate import calibration_points
 
         data, n, seed = self.run.config.data, self.config.calibration_n, self.config.lens.seed
-        name = f"calibration:{data}:n{n}:seed{seed}"
+        name = calibration_set_name(data, n, seed)
 
         def images() -> np.ndarray:
             train = self.run.images(data)
@@ -297,7 +297,7 @@ def plot_hist(bpd: Mapping[str, Mapping[str, np.ndarray]], samples: Mapping[str,
         side: Samples per row and column of the grid.
     """
     names = {**SET_LABELS, **(names or {})}
-    fig, axes = _figure(2, len(bpd), (4.6 * len(bpd), 7.4))
+    fig, axes = figure_grid(2, len(bpd), (4.6 * len(bpd), 7.4))
     for j, (lens, sets) in enumerate(bpd.items()):
         ax = axes[0, j]
         pooled = np.concatenate([np.asarray(v, dtype=np.float64) for v in sets.values()])
@@ -314,7 +314,7 @@ def plot_hist(bpd: Mapping[str, Mapping[str, np.ndarray]], samples: Mapping[str,
         axes[1, j].imshow(_sample_grid(samples[lens], side), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[1, j].set_title(f"{lens}: first {side * side} generated samples", fontsize="medium")
         axes[1, j].axis("off")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- dual-gen: FMNIST-gen vs MNIST
@@ -362,7 +362,7 @@ def plot_gen(pairs: Mapping[str, Mapping[str, np.ndarray]], thresholds: Mapping[
     """
     names = {**SET_LABELS, **(names or {})}
     rng = np.random.default_rng(seed)
-    fig, axes = _figure(1, len(pairs), (4.8 * len(pairs), 4.4))
+    fig, axes = figure_grid(1, len(pairs), (4.8 * len(pairs), 4.4))
     for ax, (lens, sets) in zip(axes[0], pairs.items()):
         for role, p in sets.items():
             p = p if len(p) <= 1000 else p[rng.choice(len(p), 1000, replace=False)]
@@ -375,7 +375,7 @@ def plot_gen(pairs: Mapping[str, Mapping[str, np.ndarray]], thresholds: Mapping[
                title=f"{lens} lens")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", markerscale=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- dual-ablation: calibrated vs fixed
@@ -426,7 +426,7 @@ def plot_ablation(rows: Sequence[Mapping], path: str | Path) -> Path:
     """Per lens (columns): AUROCs against τ / σ₀ (top) and mean LID against the LPCA target (bottom), log axes;
     the dotted vertical line marks the calibrated value (factor 1)."""
     lenses = list(dict.fromkeys(r["lens"] for r in rows))
-    fig, axes = _figure(2, len(lenses), (4.6 * len(lenses), 7.6))
+    fig, axes = figure_grid(2, len(lenses), (4.6 * len(lenses), 7.6))
     for j, lens in enumerate(lenses):
         part = sorted((r for r in rows if r["lens"] == lens), key=lambda r: r["value"])
         x = [r["value"] for r in part]
@@ -444,7 +444,7 @@ def plot_ablation(rows: Sequence[Mapping], path: str | Path) -> Path:
             ax.legend(fontsize="small")
         axes[0, j].set(ylabel="AUROC", title=f"{lens} lens", ylim=(-0.02, 1.02))
         axes[1, j].set(xlabel=part[0]["parameter"], ylabel="mean LID")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- dual-scatter: the stored evaluation

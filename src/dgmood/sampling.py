@@ -7,16 +7,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .diffusion import karras_sigmas
+from .diffusion import karras_sigmas, sigma_like
 
 __all__ = ["heun_sampler", "sample_score_model"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """σ broadcast to shape (N,) in the dtype and device of x."""
-    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
 
 @torch.no_grad()
@@ -42,10 +37,10 @@ def heun_sampler(score_fn: ScoreFn, x: torch.Tensor, sigmas: Sequence[float]) ->
         | https://arxiv.org/abs/2206.00364
     """
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d_cur = -s_cur * score_fn(x, _sigma(x, s_cur))  # Alg. 1 line 4: d_i = (x_i − D(x_i; t_i)) / t_i
+        d_cur = -s_cur * score_fn(x, sigma_like(x, s_cur))  # Alg. 1 line 4: d_i = (x_i − D(x_i; t_i)) / t_i
         x_next = x + (s_next - s_cur) * d_cur  # line 5: Euler step from t_i to t_{i+1}
         if s_next > 0:  # lines 6-8: second-order correction
-            d_next = -s_next * score_fn(x_next, _sigma(x_next, s_next))
+            d_next = -s_next * score_fn(x_next, sigma_like(x_next, s_next))
             x_next = x + (s_next - s_cur) * 0.5 * (d_cur + d_next)
         x = x_next
     return x
