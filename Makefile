@@ -33,6 +33,7 @@ demo: venv
 	$(BIN)/dgmood run --run $(DEMO_RUN) --threads $(THREADS) $(DEMO_ARGS)
 
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 bench: venv

@@ -14,7 +14,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
-from dgmood.network import NetConfig, ScoreNet
+from dgmood.models.network import NetConfig, ScoreNet
 
 
 class DiffusersScore(torch.nn.Module):

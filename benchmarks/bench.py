@@ -22,15 +22,15 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
-from dgmood import data as datasets  # noqa: E402
-from dgmood.combined import FEATURES, CombinedConfig, CombinedFeatures, fitted_detector, knn_distance  # noqa: E402
-from dgmood.detectors import CombinedDetector  # noqa: E402
-from dgmood.features import FeatureCache, score_norms  # noqa: E402
-from dgmood.losses import dsm_loss  # noqa: E402
-from dgmood.metrics import evaluate  # noqa: E402
-from dgmood.network import NetConfig, ScoreNet  # noqa: E402
-from dgmood.runs import FeatureConfig, Run, RunConfig  # noqa: E402
-from dgmood.train import TrainConfig  # noqa: E402
+from dgmood.data import datasets as datasets  # noqa: E402
+from dgmood.methods.combined import FEATURES, CombinedConfig, CombinedFeatures, fitted_detector, knn_distance  # noqa: E402
+from dgmood.detectors.estimators import CombinedDetector  # noqa: E402
+from dgmood.statistics.score_norms import FeatureCache, score_norms  # noqa: E402
+from dgmood.models.losses import dsm_loss  # noqa: E402
+from dgmood.evaluation.metrics import evaluate  # noqa: E402
+from dgmood.models.network import NetConfig, ScoreNet  # noqa: E402
+from dgmood.app.runs import FeatureConfig, Run, RunConfig  # noqa: E402
+from dgmood.models.train import TrainConfig  # noqa: E402
 
 SYNTHETIC = ["uniform[:2000]", "gaussian[:2000]", "constant[:2000]"]
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {

@@ -19,9 +19,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
-from dgmood.dualrun import DualConfig, evaluate_dual, write_dual_outputs  # noqa: E402
-from dgmood.lens import LensConfig  # noqa: E402
-from dgmood.runs import Run  # noqa: E402
+from dgmood.methods.dual_threshold import DualConfig, evaluate_dual, write_dual_outputs  # noqa: E402
+from dgmood.statistics.lens import LensConfig  # noqa: E402
+from dgmood.app.runs import Run  # noqa: E402
 
 TARGETS = {  # (lens, in-distribution) → target AUROC of the dual threshold on the dataset-swap OOD set
     ("flow", "fashion-mnist"): 0.95, ("diffusion", "fashion-mnist"): 0.90, ("diffusion", "mnist"): 0.99,
@@ -61,7 +61,7 @@ def run_case(run_dir: Path, lens: LensConfig, in_name: str, swap: str, n: int, n
 def time_statistics(cases: dict, n: int, threads: int) -> list[dict]:
     """Seconds per image of every statistic of every lens, measured on ``n`` test images with no cache.
     Run with nothing else on the machine: the evaluation's own timings share the cores with whatever ran."""
-    from dgmood.lens import compute_statistic, statistic_names
+    from dgmood.statistics.lens import compute_statistic, statistic_names
 
     rows, seen = [], set()
     for name, (run_dir, lens, in_name, *_) in cases.items():

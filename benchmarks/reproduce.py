@@ -26,11 +26,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
-from dgmood import reproduce as rp  # noqa: E402
-from dgmood import reproduce_dual as rd  # noqa: E402
-from dgmood.data import parse_spec  # noqa: E402
-from dgmood.files import atomic_write  # noqa: E402
-from dgmood.runs import Run, default_in_test, head_spec  # noqa: E402
+from reproduction import msma as rp  # noqa: E402
+from reproduction import dual as rd  # noqa: E402
+from dgmood.data.datasets import parse_spec  # noqa: E402
+from dgmood.utils.files import atomic_write  # noqa: E402
+from dgmood.app.runs import Run, default_in_test
+from dgmood.data.datasets import head_spec  # noqa: E402
 
 
 def _write_table(args, name: str, table: str, note: str = "", figures: tuple[str, ...] = ()) -> None:

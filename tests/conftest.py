@@ -1,10 +1,14 @@
 """Shared fixtures: thread limits and the data directory."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# benchmarks/ holds the scripts and the paper-reproduction package (not part of the library)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # One thread: the tests run tiny networks, where thread overhead dominates on 2 shared cores.
 torch.set_num_threads(1)
@@ -25,7 +29,7 @@ def write_pooled_sets(root: Path, data_dir: Path, sizes: dict[str, tuple[str, in
     ``root/NAME.npy`` in (N, H, W, C) layout; ``sizes`` maps NAME → (dataset spec, first n images)."""
     import numpy as np
 
-    from dgmood.data import load_images
+    from dgmood.data.datasets import load_images
 
     paths = {}
     for name, (spec, n) in sizes.items():
@@ -48,8 +52,8 @@ def load_script(name: str):
 
 def make_tiny_run(path: Path, data_dir: Path, sets: dict, net, steps: int, perturb: float = 0.0, features=None):
     """A run on the pooled sets of :func:`write_pooled_sets` (``train``, ``in``), trained ``steps`` steps of 32."""
-    from dgmood.runs import FeatureConfig, Run, RunConfig
-    from dgmood.train import TrainConfig
+    from dgmood.app.runs import FeatureConfig, Run, RunConfig
+    from dgmood.models.train import TrainConfig
 
     run = Run(path, data_dir=data_dir, progress=False)
     run.create(RunConfig(data=str(sets["train"]), in_test=str(sets["in"]), net=net,

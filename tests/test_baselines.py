@@ -1,4 +1,4 @@
-"""Tests for dgmood.baselines: compressed sizes against direct and hand-built encodings, the entropy
+"""Tests for dgmood.statistics.complexity: compressed sizes against direct and hand-built encodings, the entropy
 bound, bit-exact round trips, the minimum over codecs, perturbation statistics, errors."""
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dgmood.baselines import (
+from dgmood.statistics.complexity import (
     CODECS,
     DEFAULT_MU,
     JPEG2000_MAX_RESOLUTIONS,
@@ -21,7 +21,7 @@ from dgmood.baselines import (
     likelihood_ratio,
     perturb,
 )
-from dgmood.data import load_images
+from dgmood.data.datasets import load_images
 
 
 def _noise(n, c=1, size=28, seed=0):
@@ -182,7 +182,7 @@ def test_verify_passes(channels):
 
 
 def test_verify_catches_a_lossy_encoder(monkeypatch):
-    import dgmood.baselines as baselines
+    import dgmood.statistics.complexity as baselines
 
     def _lossy(image):
         buffer = io.BytesIO()
@@ -350,7 +350,7 @@ def test_complexity_errors(images, codecs, match):
 
 
 def test_jpegxl_missing_is_a_clear_error(monkeypatch):
-    import dgmood.baselines as baselines
+    import dgmood.statistics.complexity as baselines
 
     monkeypatch.setattr(baselines, "_has_jxl", lambda: False)
     assert available_codecs() == ("png", "jpeg2000")

@@ -1,4 +1,4 @@
-"""Tests for dgmood.calibrate (METHODS §3): exact τ, log-bisection of σ₀, the target, the record."""
+"""Tests for dgmood.statistics.calibrate (METHODS §3): exact τ, log-bisection of σ₀, the target, the record."""
 
 import json
 import math
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.calibrate import (
+from dgmood.statistics.calibrate import (
     CALIBRATION_POINTS, Calibration, bisect_log, calibrate_sigma0, calibrate_tau, calibration_points,
     mean_lid_at_tau, target_lid,
 )
-from dgmood.diffusion import flipd
-from dgmood.lid import mean_lpca
-from dgmood.toy import embedded_gaussian
+from dgmood.models.diffusion import flipd
+from dgmood.statistics.lpca import mean_lpca
+from dgmood.data.toy import embedded_gaussian
 
 # --- τ ------------------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Tests for dgmood.checkpoint: round trips, corruption detection, atomic writes, no pickles."""
+"""Tests for dgmood.models.checkpoint: round trips, corruption detection, atomic writes, no pickles."""
 
 import copy
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dgmood.checkpoint import (
+from dgmood.models.checkpoint import (
     META,
     STATE,
     WEIGHTS,
@@ -17,9 +17,9 @@ from dgmood.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from dgmood.files import atomic_write, file_sha256, write_json
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.train import TrainConfig, train
+from dgmood.utils.files import atomic_write, file_sha256, write_json
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.models.train import TrainConfig, train
 
 CFG = NetConfig(image_shape=(1, 8, 8), channels=(8, 16), emb_dim=8)
 
@@ -231,8 +231,8 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from dgmood.checkpoint import META_SHA  # noqa: E402
-from dgmood.files import PROCESS_START  # noqa: E402
+from dgmood.models.checkpoint import META_SHA  # noqa: E402
+from dgmood.utils.files import PROCESS_START  # noqa: E402
 
 
 def _dead_pid() -> int:
@@ -312,8 +312,8 @@ def test_checkpoint_json_carries_a_checksum_of_itself(saved):
 
 
 def _saved_detector(directory):
-    from dgmood.detectors import KNNDetector
-    from dgmood.persist import save_detector
+    from dgmood.detectors.estimators import KNNDetector
+    from dgmood.detectors.persist import save_detector
 
     det = KNNDetector(n_neighbors=3).fit(np.random.default_rng(0).normal(size=(40, 4)))
     save_detector(det, directory, meta={"model_sha256": "a" * 64})
@@ -321,7 +321,7 @@ def _saved_detector(directory):
 
 
 def test_detector_json_carries_a_checksum_of_itself(tmp_path):
-    from dgmood.persist import DETECTOR_SHA, load_detector
+    from dgmood.detectors.persist import DETECTOR_SHA, load_detector
 
     det = _saved_detector(tmp_path)
     path = tmp_path / "detector.json"
@@ -345,7 +345,7 @@ def test_detector_json_carries_a_checksum_of_itself(tmp_path):
 
 
 def test_detector_save_and_load_remove_leftovers(tmp_path):
-    from dgmood.persist import load_detector
+    from dgmood.detectors.persist import load_detector
 
     _saved_detector(tmp_path)
     gone, kept = _leftovers(tmp_path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dgmood.cli import main
-from dgmood.metrics import METRIC_NAMES
+from dgmood.app.cli import main
+from dgmood.evaluation.metrics import METRIC_NAMES
 
 TINY = ["--steps", "6", "--batch-size", "32", "--channels", "8,16", "--fit-n", "300", "--threads", "1", "--quiet"]
 

@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_tiny_run, write_pooled_sets
 
-from dgmood import cli
-from dgmood.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
-from dgmood.flow import FlowConfig
-from dgmood.metrics import METRIC_NAMES
-from dgmood.network import NetConfig
-from dgmood.runs import FeatureConfig
+from dgmood.app import cli as cli
+from dgmood.methods.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
+from dgmood.models.flow import FlowConfig
+from dgmood.evaluation.metrics import METRIC_NAMES
+from dgmood.models.network import NetConfig
+from dgmood.app.runs import FeatureConfig
 
 
 def invoke(*args):
@@ -93,10 +93,10 @@ def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
 
 
 def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, sets, monkeypatch):
-    import dgmood.combined as combined
-    import dgmood.detectors as detectors
-    import dgmood.features as features
-    import dgmood.lens as lens
+    import dgmood.methods.combined as combined
+    import dgmood.detectors.estimators as detectors
+    import dgmood.statistics.score_norms as features
+    import dgmood.statistics.lens as lens
 
     config = CombinedConfig(features=("msma", "flipd", "knn"))
     first = evaluate_combined(score_run, config, list(sets["ood"]))

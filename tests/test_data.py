@@ -1,4 +1,4 @@
-"""Tests for dgmood.data: IDX files, SPEC parsing, named/synthetic/custom sets, validation, download."""
+"""Tests for dgmood.data.datasets: IDX files, SPEC parsing, named/synthetic/custom sets, validation, download."""
 
 import gzip
 import io
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dgmood import data
-from dgmood.data import DataError, describe, load_images, load_labels, parse_spec, read_idx, write_idx
+from dgmood.data import datasets as data
+from dgmood.data.datasets import DataError, describe, load_images, load_labels, parse_spec, read_idx, write_idx
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for dgmood.detectors: the scikit-learn contract, known answers and an AUROC floor."""
+"""Tests for dgmood.detectors.estimators: the scikit-learn contract, known answers and an AUROC floor."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from dgmood.detectors import CombinedDetector, FlowDetector, GMMDetector, KNNDetector
+from dgmood.detectors.estimators import CombinedDetector, FlowDetector, GMMDetector, KNNDetector
 
 DIM = 10
 N_TRAIN = 3000

@@ -1,13 +1,13 @@
-"""Tests for dgmood.diffusion on Gaussian data, whose smoothed scores, densities and PF-ODE flows are exact."""
+"""Tests for dgmood.models.diffusion on Gaussian data, whose smoothed scores, densities and PF-ODE flows are exact."""
 
 import math
 
 import pytest
 import torch
 
-from dgmood.diffusion import flipd, normal_bundle_lid, pf_ode_log_likelihood, reconstruction_error, score_norm
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.noise import vp_alpha
+from dgmood.models.diffusion import flipd, normal_bundle_lid, pf_ode_log_likelihood, reconstruction_error, score_norm
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.models.noise import vp_alpha
 
 D = 16
 SHAPE = (1, 4, 4)

@@ -37,14 +37,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import dgmood.distributed as dist
-from dgmood.checkpoint import META, STATE, WEIGHTS
-from dgmood.cli import main
-from dgmood.flow import FlowConfig, ImageFlow
-from dgmood.models import training_loss
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.runs import Run
-from dgmood.train import TrainConfig, _global_draws, _ShardLoss, _sigmas, train
+import dgmood.utils.distributed as dist
+from dgmood.models.checkpoint import META, STATE, WEIGHTS
+from dgmood.app.cli import main
+from dgmood.models.flow import FlowConfig, ImageFlow
+from dgmood.models.registry import training_loss
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.app.runs import Run
+from dgmood.models.train import TrainConfig, _global_draws, _ShardLoss, _sigmas, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 

@@ -1,17 +1,17 @@
-"""Tests for dgmood.dual: the optimal ROC against brute force, and the dual-threshold detector's contract."""
+"""Tests for dgmood.detectors.dual: the optimal ROC against brute force, and the dual-threshold detector's contract."""
 
 import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from dgmood.dual import (
+from dgmood.detectors.dual import (
     DualThresholdDetector,
     _sweep,
     optimal_roc_auc,
     optimal_roc_curve,
     optimal_true_positives,
 )
-from dgmood.metrics import auroc
+from dgmood.evaluation.metrics import auroc
 
 
 def _brute_true_positives(in_a, in_b, out_a, out_b):

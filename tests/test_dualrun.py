@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_tiny_run, write_pooled_sets
 
-from dgmood.cli import main
-from dgmood.dualrun import DualConfig, evaluate_dual
-from dgmood.flow import FlowConfig
-from dgmood.lens import LensConfig, StatCache
-from dgmood.metrics import METRIC_NAMES
-from dgmood.network import NetConfig
+from dgmood.app.cli import main
+from dgmood.methods.dual_threshold import DualConfig, evaluate_dual
+from dgmood.models.flow import FlowConfig
+from dgmood.statistics.lens import LensConfig, StatCache
+from dgmood.evaluation.metrics import METRIC_NAMES
+from dgmood.models.network import NetConfig
 
 
 def invoke(*args):
@@ -90,7 +90,7 @@ def test_likelihood_ratio_with_a_background_flow(flow_run, tmp_path, data_dir, s
 
 
 def test_second_evaluation_reuses_every_cached_statistic(flow_run, sets, monkeypatch):
-    import dgmood.lens as lens
+    import dgmood.statistics.lens as lens
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached statistic was recomputed")

@@ -30,11 +30,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dgmood.checkpoint import META, STATE, WEIGHTS, CheckpointError, load_model
-from dgmood.cli import main
-from dgmood.features import FeatureCache, score_norms
-from dgmood.files import file_sha256
-from dgmood.metrics import METRIC_NAMES
+from dgmood.models.checkpoint import META, STATE, WEIGHTS, CheckpointError, load_model
+from dgmood.app.cli import main
+from dgmood.statistics.score_norms import FeatureCache, score_norms
+from dgmood.utils.files import file_sha256
+from dgmood.evaluation.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 
@@ -267,7 +267,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
 # 2·EVERY): it prints a marker and blocks just before (or just after) the write, where the parent kills it.
 BLOCKING_TRAIN = r"""
 import sys, time
-import dgmood.checkpoint as ckpt
+import dgmood.models.checkpoint as ckpt
 when = sys.argv.pop(1)
 real, calls = ckpt.write_json, []
 
@@ -280,7 +280,7 @@ def write_json(path, obj):
         print("blocked", flush=True); time.sleep(60)
 
 ckpt.write_json = write_json
-from dgmood.cli import main
+from dgmood.app.cli import main
 main()
 """
 
@@ -360,18 +360,18 @@ def write_bytes(path, v):
 if mode == "naive":  # the control: no temporary file, no rename
     write = lambda v: write_bytes(target, v)
 elif mode == "bytes":
-    from dgmood.files import atomic_write
+    from dgmood.utils.files import atomic_write
     write = lambda v: atomic_write(target, lambda p: write_bytes(p, v))
 elif mode == "features":
-    import dgmood.features
-    from dgmood.features import FeatureCache
-    dgmood.features.open = lambda *args, **kwargs: SlowFile(open(*args, **kwargs))
+    import dgmood.statistics.score_norms
+    from dgmood.statistics.score_norms import FeatureCache
+    dgmood.statistics.score_norms.open = lambda *args, **kwargs: SlowFile(open(*args, **kwargs))
     cache = FeatureCache(target, "f" * 64)
     sigmas = np.geomspace(1, 0.01, L)
     write = lambda v: cache.save("set", sigmas, np.full((ROWS, L), v, np.float32), version=v)
 elif mode == "metrics":
-    from dgmood.metrics import METRIC_NAMES
-    from dgmood.report import write_metrics
+    from dgmood.evaluation.metrics import METRIC_NAMES
+    from dgmood.evaluation.report import write_metrics
     pathlib.Path.write_text = slow_write_text
     write = lambda v: write_metrics(target, {"knn": {f"ood{j}": dict.fromkeys(METRIC_NAMES, v / 1e6)
                                                      for j in range(N_OOD)}})
@@ -616,7 +616,7 @@ def test_corrupt_feature_cache_is_a_clear_error(tmp_path):
 
 def test_run_with_another_checkpoint_does_not_reuse_its_features(tmp_path, two_runs, images_npy):
     """A run folder whose checkpoint is replaced (consistently) by another model's recomputes features."""
-    from dgmood.runs import Run
+    from dgmood.app.runs import Run
 
     a, b = two_runs
     run_dir = tmp_path / "a"

@@ -1,4 +1,4 @@
-"""Tests for dgmood.features: score norms against the exact Gaussian score, and the feature cache."""
+"""Tests for dgmood.statistics.score_norms: score norms against the exact Gaussian score, and the feature cache."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.features import FeatureCache, FeatureSet, column_names, score_norms
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.noise import geometric_sigmas
+from dgmood.statistics.score_norms import FeatureCache, FeatureSet, column_names, score_norms
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.models.noise import geometric_sigmas
 
 M, S = 0.5, 0.2
 SHAPE = (1, 6, 5)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.checkpoint import load_model
-from dgmood.flow import (
+from dgmood.models.checkpoint import load_model
+from dgmood.models.flow import (
     FlowConfig, ImageFlow, bits_per_dim, dequantize, flow_loss, jacobian_singular_values, lid_from_singular_values,
 )
-from dgmood.models import config_from_dict
-from dgmood.train import TrainConfig, train
+from dgmood.models.registry import config_from_dict
+from dgmood.models.train import TrainConfig, train
 
 SMALL = FlowConfig(image_shape=(1, 8, 8), steps=2, hidden=16)
 

@@ -1,4 +1,4 @@
-"""Tests for dgmood.lid (LPCA) and dgmood.toy: manifolds of known LID, a PCA reference, the contract."""
+"""Tests for dgmood.statistics.lpca (LPCA) and dgmood.data.toy: manifolds of known LID, a PCA reference, the contract."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.estimator_checks import check_estimator
 
-from dgmood.lid import LPCA, fukunaga_olsen, lpca, mean_lpca, neighbourhood_eigenvalues
-from dgmood.toy import LOLLIPOP_CENTRE, LOLLIPOP_JUNCTION, LOLLIPOP_RADIUS, embedded_gaussian, lollipop
+from dgmood.statistics.lpca import LPCA, fukunaga_olsen, lpca, mean_lpca, neighbourhood_eigenvalues
+from dgmood.data.toy import LOLLIPOP_CENTRE, LOLLIPOP_JUNCTION, LOLLIPOP_RADIUS, embedded_gaussian, lollipop
 
 
 def _decaying(n=600, dim=30, seed=0):

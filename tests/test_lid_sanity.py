@@ -1,11 +1,11 @@
 """LID sanity (METHODS §3, the dual-threshold paper's appendix C): every estimator recovers a known dimension.
 
 Data of known LID: Gaussians of intrinsic dimension d embedded in D = 50 by repeating coordinates
-(:func:`dgmood.toy.embedded_gaussian`, as pixels 0.5 + 0.1·x plus η = 1e-4 of isotropic noise), and the 2-D
+(:func:`dgmood.data.toy.embedded_gaussian`, as pixels 0.5 + 0.1·x plus η = 1e-4 of isotropic noise), and the 2-D
 lollipop (dot 0, stick 1, disc 2). Estimators: LPCA on samples; FLIPD and the normal bundle with exact scores
 (the σ-smoothed density of N(μ, C) is N(μ, C + σ²I); of an empirical measure, a Gaussian mixture); and the
 Jacobian of a small flow trained on an embedded Gaussian, with τ calibrated on training points
-(:mod:`dgmood.calibrate`). Each test names its tolerance and where it comes from.
+(:mod:`dgmood.statistics.calibrate`). Each test names its tolerance and where it comes from.
 """
 
 import math
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.calibrate import calibrate_tau, calibration_points, mean_lid_at_tau, target_lid
-from dgmood.diffusion import flipd, normal_bundle_lid
-from dgmood.flow import FlowConfig, ImageFlow, jacobian_singular_values, lid_from_singular_values
-from dgmood.lid import lpca
-from dgmood.noise import t_to_sigma
-from dgmood.toy import (
+from dgmood.statistics.calibrate import calibrate_tau, calibration_points, mean_lid_at_tau, target_lid
+from dgmood.models.diffusion import flipd, normal_bundle_lid
+from dgmood.models.flow import FlowConfig, ImageFlow, jacobian_singular_values, lid_from_singular_values
+from dgmood.statistics.lpca import lpca
+from dgmood.models.noise import t_to_sigma
+from dgmood.data.toy import (
     LOLLIPOP_CENTRE, LOLLIPOP_JUNCTION, LOLLIPOP_RADIUS, LOLLIPOP_STICK_END, embedded_gaussian, lollipop,
 )
 

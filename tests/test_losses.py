@@ -1,4 +1,4 @@
-"""Tests for dgmood.losses: DSM on a Gaussian with the exact score, and the σ sampler."""
+"""Tests for dgmood.models.losses: DSM on a Gaussian with the exact score, and the σ sampler."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.losses import dsm_loss, sample_sigmas
+from dgmood.models.losses import dsm_loss, sample_sigmas
 
 M, S = 0.4, 0.15  # data: pixels i.i.d. N(M, S²)
 SHAPE = (1, 8, 8)

@@ -1,10 +1,10 @@
-"""Tests for dgmood.metrics: edge cases, hand-computed ties, and agreement with scikit-learn."""
+"""Tests for dgmood.evaluation.metrics: edge cases, hand-computed ties, and agreement with scikit-learn."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dgmood.metrics import (
+from dgmood.evaluation.metrics import (
     METRIC_NAMES,
     aupr_in,
     aupr_out,

@@ -1,11 +1,11 @@
-"""Tests for dgmood.network: shapes, σ scaling, input checks, functorch transforms, config round trip."""
+"""Tests for dgmood.models.network: shapes, σ scaling, input checks, functorch transforms, config round trip."""
 
 import json
 
 import pytest
 import torch
 
-from dgmood.network import NetConfig, ScoreNet
+from dgmood.models.network import NetConfig, ScoreNet
 
 # torch.func imports parts of torch that still call torch.jit.script internally
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -1,4 +1,4 @@
-"""Tests for dgmood.noise: the MSMA σ grid, the σ ↔ t map of the VP-SDE, and vp_score on a Gaussian."""
+"""Tests for dgmood.models.noise: the MSMA σ grid, the σ ↔ t map of the VP-SDE, and vp_score on a Gaussian."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.noise import BETA_MAX, BETA_MIN, geometric_sigmas, sigma_to_t, t_to_sigma, vp_alpha, vp_score
+from dgmood.models.noise import BETA_MAX, BETA_MIN, geometric_sigmas, sigma_to_t, t_to_sigma, vp_alpha, vp_score
 
 T_GRID = np.geomspace(1e-4, 1.0, 201)
 

@@ -1,4 +1,4 @@
-"""Tests for dgmood.report: metric files and tables, plot files, report.md, train-only embedding fit."""
+"""Tests for dgmood.evaluation.report: metric files and tables, plot files, report.md, train-only embedding fit."""
 
 import csv
 import json
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from dgmood import files, report
-from dgmood.metrics import METRIC_NAMES, evaluate
-from dgmood.report import (
+from dgmood.evaluation import report
+from dgmood.utils import files
+from dgmood.evaluation.metrics import METRIC_NAMES, evaluate
+from dgmood.evaluation.report import (
     embed_2d,
     format_table,
     metrics_table,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import load_script
 
-from dgmood import reproduce as rp
-from dgmood.features import score_norms
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.toy import (MSMA_TOY_POINTS, MSMA_TOY_SIGMAS, smoothed_mixture_log_density, smoothed_mixture_score,
+from reproduction import msma as rp
+from dgmood.statistics.score_norms import score_norms
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.data.toy import (MSMA_TOY_POINTS, MSMA_TOY_SIGMAS, smoothed_mixture_log_density, smoothed_mixture_score,
                         smoothed_mixture_score_norm)
 
 SIGMA_L, SIGMA_M, SIGMA_H = MSMA_TOY_SIGMAS

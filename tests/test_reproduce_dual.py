@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import load_script
 
-from dgmood import lens as lens_module
-from dgmood import reproduce_dual as rd
-from dgmood.data import load_images
-from dgmood.dualrun import DualConfig, evaluate_dual, write_dual_outputs
-from dgmood.flow import FlowConfig
-from dgmood.lens import LensConfig
-from dgmood.network import NetConfig
-from dgmood.runs import Run, RunConfig
-from dgmood.train import TrainConfig
+from dgmood.statistics import lens as lens_module
+from reproduction import dual as rd
+from dgmood.data.datasets import load_images
+from dgmood.methods.dual_threshold import DualConfig, evaluate_dual, write_dual_outputs
+from dgmood.models.flow import FlowConfig
+from dgmood.statistics.lens import LensConfig
+from dgmood.models.network import NetConfig
+from dgmood.app.runs import Run, RunConfig
+from dgmood.models.train import TrainConfig
 
 # ----------------------------------------------------------------------------- pure functions
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dgmood.network import NetConfig
-from dgmood.runs import FeatureConfig, RunConfig, default_in_test, head_spec, resolve_device
+from dgmood.models.network import NetConfig
+from dgmood.app.runs import FeatureConfig, RunConfig, default_in_test, head_spec, resolve_device
 
 
 @pytest.mark.parametrize("spec, n, expected", [

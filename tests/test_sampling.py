@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dgmood.diffusion import karras_sigmas
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.sampling import heun_sampler, sample_score_model
+from dgmood.models.diffusion import karras_sigmas
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.models.sampling import heun_sampler, sample_score_model
 
 MU, S, SIGMA_MAX = 0.3, 0.1, 80.0
 

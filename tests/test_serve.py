@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import dgmood
-from dgmood import data as datasets
-from dgmood.checkpoint import CheckpointError
-from dgmood.cli import main
-from dgmood.data import DataError
-from dgmood.runs import Run
+from dgmood.data import datasets as datasets
+from dgmood.models.checkpoint import CheckpointError
+from dgmood.app.cli import main
+from dgmood.data.datasets import DataError
+from dgmood.app.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_SPEC = "fashion-mnist:test[:100]"

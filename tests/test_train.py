@@ -1,4 +1,4 @@
-"""Tests for dgmood.train: a tiny model learns a Gaussian's score; resume and seeding are exact."""
+"""Tests for dgmood.models.train: a tiny model learns a Gaussian's score; resume and seeding are exact."""
 
 import math
 from dataclasses import replace
@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dgmood.train as train_mod
-from dgmood.checkpoint import META, STATE, WEIGHTS
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.train import TrainConfig, _batch_indices, learning_rate, read_train_log, train
+import dgmood.models.train as train_mod
+from dgmood.models.checkpoint import META, STATE, WEIGHTS
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.models.train import TrainConfig, _batch_indices, learning_rate, read_train_log, train
 
 M, S = 0.5, 0.1  # pixels i.i.d. N(M, S²)
 SMALL = NetConfig(image_shape=(1, 8, 8), channels=(8, 16), emb_dim=8)
@@ -177,7 +177,7 @@ def test_batch_indices_are_seeded_epoch_permutations():
 
 
 def test_ema_decay_warms_up_then_caps():
-    from dgmood.train import ema_decay
+    from dgmood.models.train import ema_decay
 
     assert ema_decay(0, 0.999) == pytest.approx(0.1)
     assert ema_decay(90, 0.999) == pytest.approx(0.91)

@@ -28,14 +28,14 @@ from PIL import Image
 from safetensors.numpy import load_file as st_load_np
 from safetensors.numpy import save_file as st_save_np
 
-from dgmood.checkpoint import META, STATE, WEIGHTS, CheckpointError, load_checkpoint, load_model
-from dgmood.data import DataError, load_images, read_idx, write_idx
-from dgmood.detectors import GMMDetector, KNNDetector
-from dgmood.features import FeatureCache, FeatureSet
-from dgmood.files import file_sha256
-from dgmood.network import NetConfig, ScoreNet
-from dgmood.persist import load_detector, save_detector
-from dgmood.train import TrainConfig, train
+from dgmood.models.checkpoint import META, STATE, WEIGHTS, CheckpointError, load_checkpoint, load_model
+from dgmood.data.datasets import DataError, load_images, read_idx, write_idx
+from dgmood.detectors.estimators import GMMDetector, KNNDetector
+from dgmood.statistics.score_norms import FeatureCache, FeatureSet
+from dgmood.utils.files import file_sha256
+from dgmood.models.network import NetConfig, ScoreNet
+from dgmood.detectors.persist import load_detector, save_detector
+from dgmood.models.train import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dgmood"
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

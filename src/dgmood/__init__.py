@@ -16,8 +16,8 @@ def load(path, detector=None, device="cpu"):
     ```
 
     ``images``: (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or float in [0, 1]. See
-    :mod:`dgmood.bundle` for the files read and the errors raised.
+    :mod:`dgmood.app.bundle` for the files read and the errors raised.
     """
-    from .bundle import load as _load
+    from dgmood.app.bundle import load as _load
 
     return _load(path, detector=detector, device=device)

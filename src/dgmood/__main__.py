@@ -1,5 +1,5 @@
 """``python -m dgmood``: the command-line interface."""
 
-from .cli import main
+from dgmood.app.cli import main
 
 main()

@@ -1,0 +1,1 @@
+"""The application: run directories, the command line, the HTTP server."""

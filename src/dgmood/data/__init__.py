@@ -1,0 +1,9 @@
+"""Datasets: IDX / npy / npz / image-folder loading, dataset specs, validation, downloads, toy manifolds."""
+
+from dgmood.data.datasets import (DATA_ENV, DEFAULT_N, DEFAULT_SHAPE, SPLITS, SYNTHETIC, DataError, Spec,
+                                  dataset_file, describe, download, load_images, load_labels, parse_spec,
+                                  read_idx, resolve_data_dir, write_idx)
+
+__all__ = ["DATA_ENV", "DEFAULT_N", "DEFAULT_SHAPE", "SPLITS", "SYNTHETIC", "DataError", "Spec", "dataset_file",
+           "describe", "download", "load_images", "load_labels", "parse_spec", "read_idx", "resolve_data_dir",
+           "write_idx"]

@@ -1,0 +1,753 @@
+"""Image sets named by a SPEC string (IDX datasets, synthetic OOD sets, custom files) as float32 (N, C, H, W)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import shutil
+import tempfile
+import tokenize
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DATA_ENV",
+    "DEFAULT_N",
+    "DEFAULT_SHAPE",
+    "DEFAULT_SPLITS",
+    "SPLITS",
+    "SYNTHETIC",
+    "URLS",
+    "PIL_MODES",
+    "DataError",
+    "Spec",
+    "check_model_shape",
+    "dataset_file",
+    "describe",
+    "download",
+    "head_spec",
+    "load_images",
+    "load_labels",
+    "parse_spec",
+    "prepare_images",
+    "read_idx",
+    "resolve_data_dir",
+    "to_nchw",
+    "to_unit",
+    "write_idx",
+]
+
+DATA_ENV = "DGMOOD_DATA"
+"""Environment variable naming the data directory."""
+
+URLS: dict[str, str] = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+"""Official download location of each named dataset; a file's URL is base + file name."""
+
+SPLITS = ("train", "test")
+"""Splits of the named datasets; ``test`` is stored in the ``t10k-*`` files."""
+
+DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("train",), "mnist": ("train", "test")}
+"""Default split per dataset: the first listed whose image file exists (else the first)."""
+
+SYNTHETIC = ("uniform", "gaussian", "constant")
+"""Synthetic OOD sets (MSMA appendix A.1)."""
+
+DEFAULT_N = 10000
+"""Size of a synthetic set when no ``n`` is given."""
+
+DEFAULT_SHAPE = (1, 28, 28)
+"""(C, H, W) of a synthetic set when no ``shape`` is given."""
+
+_STEMS = {"train": "train", "test": "t10k"}
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# what np.load (allow_pickle=False) and reading an .npz member raise on a damaged file: numpy's header parser
+# lets SyntaxError / tokenize.TokenError escape, zipfile raises RuntimeError (encrypted) and NotImplementedError
+_NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxError, tokenize.TokenError,
+              zipfile.BadZipFile, zlib.error)
+PIL_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "RGB": "RGB", "RGBA": "RGB"}
+_SLICE_RE = re.compile(r"^(?P<base>.*)\[\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*\]$")
+_FORMS = (
+    "use fashion-mnist[:train|:test], mnist[:train|:test], uniform, gaussian, constant, "
+    "or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file or a folder of PNG/JPEG images"
+)
+
+
+class DataError(ValueError):
+    """A bad data spec, file or value; the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed dataset SPEC.
+
+    Attributes:
+        kind: ``named``, ``synthetic``, ``npy``, ``npz``, ``idx`` or ``folder``.
+        name: dataset name (named/synthetic) or the path as written (custom kinds).
+        split: split of a named dataset, its fixed default filled in (``fashion-mnist`` → ``train``);
+            None when the default depends on the files present (``mnist``: train if it exists, else test).
+        key: array name inside an ``.npz`` file; None means its only array.
+        start: slice start (may be negative), None for the beginning.
+        stop: slice stop (may be negative), None for the end.
+    """
+
+    kind: str
+    name: str
+    split: str | None = None
+    key: str | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        """The canonical display name, see :func:`describe`."""
+        return describe(self)
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The directory holding the named datasets (one sub-folder per dataset).
+
+    Args:
+        data_dir: explicit directory; wins when given.
+
+    Returns:
+        ``data_dir``, else ``$DGMOOD_DATA``, else ``$XDG_CACHE_HOME/dgmood/data``
+        (``~/.cache/dgmood/data`` when XDG_CACHE_HOME is unset or relative). Not created.
+    """
+    if data_dir is not None and str(data_dir):
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return cache / "dgmood" / "data"
+
+
+def _file_name(split: str, what: str) -> str:
+    """Official file name, e.g. ``t10k-images-idx3-ubyte.gz`` for (test, images)."""
+    return f"{_STEMS[split]}-{what}-idx{3 if what == 'images' else 1}-ubyte.gz"
+
+
+def dataset_file(name: str, split: str, what: str = "images", data_dir: str | os.PathLike | None = None) -> Path:
+    """Where a named dataset's file lives (the gzipped name unless only the plain file exists).
+
+    Args:
+        name: ``fashion-mnist`` or ``mnist``.
+        split: ``train`` or ``test``.
+        what: ``images`` or ``labels``.
+        data_dir: see :func:`resolve_data_dir`.
+
+    Returns:
+        The path, whether or not it exists.
+    """
+    gz = resolve_data_dir(data_dir) / _dataset_name(name) / _file_name(split, what)
+    plain = gz.with_suffix("")
+    return plain if plain.is_file() and not gz.is_file() else gz
+
+
+def _dataset_name(name: str) -> str:
+    """Canonical dataset name, or DataError listing the known ones."""
+    key = name.strip().lower().replace("_", "-")
+    if key in URLS:
+        return key
+    raise DataError(f"unknown dataset '{name}'; the named datasets are {', '.join(URLS)}")
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def _read_bytes(path: Path) -> bytes:
+    """File content, gunzipped when it starts with the gzip magic."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the path") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e}); check that it is a readable file") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is a truncated or corrupt gzip file ({e}); download or copy it again") from None
+
+
+def _idx_header(buf: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, dims, data offset) from an IDX header, validated against the buffer size."""
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number); give an IDX *-ubyte[.gz] file")
+    dtype, ndim = _IDX_DTYPES.get(buf[2]), buf[3]
+    if dtype is None:
+        raise DataError(f"{path} has unknown IDX type code 0x{buf[2]:02x}; the file is corrupt, get it again")
+    offset = 4 + 4 * ndim
+    if ndim == 0 or len(buf) < offset:
+        raise DataError(f"{path} has a truncated or corrupt IDX header; download or copy it again")
+    dims = tuple(int(d) for d in np.frombuffer(buf, ">u4", ndim, 4))
+    expected = offset + math.prod(dims) * dtype.itemsize  # Python ints: no int64 wrap-around
+    if len(buf) != expected:
+        what = "truncated" if len(buf) < expected else "corrupt (trailing bytes)"
+        raise DataError(
+            f"{path} is {what}: its header says {dims} = {expected} bytes but it has {len(buf)}; "
+            "download or copy it again"
+        )
+    return dtype, dims, offset
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not.
+
+    Args:
+        path: the file; gzip is detected from its content.
+
+    Returns:
+        A writable array in native byte order with the header's dims, e.g. (N, H, W) uint8 for images,
+        (N,) uint8 for labels.
+
+    Raises:
+        DataError: missing, unreadable, truncated or corrupt file (the message names it).
+    """
+    path = Path(path)
+    buf = _read_bytes(path)
+    dtype, dims, offset = _idx_header(buf, path)
+    try:
+        arr = np.frombuffer(buf, dtype, offset=offset).reshape(dims)
+    except ValueError as e:  # an empty array whose other dims are too big for numpy
+        raise DataError(f"{path} has impossible IDX dims {dims} ({e}); the file is corrupt, get it again") from None
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write an array as an IDX file, gzipped when the name ends in ``.gz``.
+
+    Args:
+        path: destination.
+        array: uint8, int8, int16, int32, float32 or float64 array with at least one dim.
+
+    Returns:
+        The path written.
+    """
+    path, array = Path(path), np.asarray(array)
+    code = _IDX_CODES.get(array.dtype.newbyteorder("="))
+    if code is None or array.ndim == 0:
+        raise DataError(
+            f"cannot write {array.dtype} array of ndim {array.ndim} as IDX; use uint8 or float32 with ndim >= 1"
+        )
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    data = header + np.ascontiguousarray(array, _IDX_DTYPES[code]).tobytes()
+    path.write_bytes(gzip.compress(data, compresslevel=6) if path.name.endswith(".gz") else data)
+    return path
+
+
+# ----------------------------------------------------------------------------- SPEC grammar
+
+
+def _int(text: str | None) -> int | None:
+    """``int(text)``, None for None."""
+    return None if text is None else int(text)
+
+
+def _split_slice(spec: str) -> tuple[str, int | None, int | None]:
+    """(base, start, stop) of ``base[start:stop]``; a spec naming an existing path is kept whole."""
+    m = _SLICE_RE.match(spec)
+    if m and not Path(spec).expanduser().exists():
+        start = _int(m["start"])
+        return m["base"].strip(), (None if start == 0 else start), _int(m["stop"])
+    if spec.endswith("]") and "[" in spec and not Path(spec).expanduser().exists():
+        raise DataError(f"bad slice in '{spec}'; write [start:stop] with integers and no step, e.g. mnist[:8000]")
+    return spec, None, None
+
+
+def _path_kind(path: str) -> str | None:
+    """Custom kind of a path from its extension (or being a folder), else None."""
+    low = path.lower()
+    if Path(path).expanduser().is_dir() or low.endswith(("/", os.sep)):
+        return "folder"
+    if low.endswith(".npy"):
+        return "npy"
+    if low.endswith(".npz"):
+        return "npz"
+    if low.endswith(("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")):
+        return "idx"
+    return None
+
+
+def _parse_named(base: str) -> Spec | None:
+    """Spec for ``name[:split]`` of a named or synthetic set, None when the name is not one."""
+    name, sep, split = base.partition(":")
+    name = name.strip().lower().replace("_", "-")
+    split = split.strip().lower()
+    if name in SYNTHETIC:
+        if sep:
+            raise DataError(f"synthetic set '{base}' takes no split; write just {name} (optionally {name}[:N])")
+        return Spec("synthetic", name)
+    if name not in URLS:
+        return None
+    if sep and split not in SPLITS:
+        raise DataError(f"unknown split '{split}' for {name}; use {name}:train or {name}:test")
+    fixed = DEFAULT_SPLITS[name][0] if len(DEFAULT_SPLITS[name]) == 1 else None
+    return Spec("named", name, split=split or fixed)
+
+
+def _parse_path(base: str, spec: str) -> Spec:
+    """Spec for a custom file or folder, or DataError for an unknown name."""
+    kind = _path_kind(base)
+    if kind is not None:
+        return Spec(kind, base)
+    if Path(base).expanduser().exists():
+        raise DataError(f"cannot tell the format of {base}; {_FORMS}")
+    head, sep, key = base.rpartition(":")
+    if sep and head.lower().endswith(".npz") and key:
+        return Spec("npz", head, key=key)
+    raise DataError(f"unknown dataset '{spec}' (no such name, file or folder); {_FORMS}")
+
+
+def parse_spec(spec: str | os.PathLike | Spec) -> Spec:
+    """Parse a dataset SPEC string.
+
+    Grammar: ``BASE[start:stop]`` where the optional python-style slice (no step) selects images and
+    BASE is ``fashion-mnist[:train|:test]``, ``mnist[:train|:test]``, ``uniform``, ``gaussian``,
+    ``constant``, or a path: ``x.npy``, ``x.npz`` / ``x.npz:KEY``, an IDX ``*-ubyte[.gz]`` file or a
+    folder of PNG/JPEG images. Names win over paths (write ``./mnist`` for a folder called mnist);
+    paths are recognised by existing on disk or by extension.
+
+    Args:
+        spec: the SPEC (a :class:`Spec` is returned unchanged).
+
+    Returns:
+        The parsed :class:`Spec`.
+
+    Raises:
+        DataError: empty spec, bad slice, unknown name/split or unrecognisable path.
+    """
+    if isinstance(spec, Spec):
+        return spec
+    text = os.fspath(spec).strip()
+    if not text:
+        raise DataError(f"empty dataset spec; {_FORMS}")
+    base, start, stop = _split_slice(text)
+    parsed = _parse_named(base) or _parse_path(base, text)
+    return Spec(parsed.kind, parsed.name, parsed.split, parsed.key, start, stop)
+
+
+def describe(spec: str | os.PathLike | Spec) -> str:
+    """Canonical display name of a SPEC, e.g. ``mnist[8000:]`` or ``fashion-mnist:test[:2000]``.
+
+    Args:
+        spec: the SPEC.
+
+    Returns:
+        Lower-case dataset names, a split only when it differs from a fixed default, the path as written.
+    """
+    s = parse_spec(spec)
+    text = s.name
+    if s.kind == "named" and s.split and DEFAULT_SPLITS[s.name] != (s.split,):
+        text += f":{s.split}"
+    if s.key is not None:
+        text += f":{s.key}"
+    if s.start is not None or s.stop is not None:
+        text += f"[{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}]"
+    return text
+
+
+# ----------------------------------------------------------------------------- named datasets
+
+
+def _resolve_split(s: Spec, data_dir: str | os.PathLike | None) -> str:
+    """The explicit split, else the first default split whose image file exists."""
+    if s.split:
+        return s.split
+    for split in DEFAULT_SPLITS[s.name]:
+        if dataset_file(s.name, split, "images", data_dir).is_file():
+            return split
+    return DEFAULT_SPLITS[s.name][0]
+
+
+def _named_path(s: Spec, what: str, data_dir: str | os.PathLike | None) -> Path:
+    """Existing file of a named dataset, or DataError saying where to put which file."""
+    split = _resolve_split(s, data_dir)
+    path = dataset_file(s.name, split, what, data_dir)
+    if not path.is_file():
+        raise DataError(
+            f"{s.name} {split} {what} not found: put {path.name} (from {URLS[s.name]}{path.name}) at {path}, "
+            f"or run `dgmood data download {s.name}`"
+        )
+    return path
+
+
+def download(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Fetch a named dataset's missing files (images and labels of every split) from :data:`URLS`.
+
+    Each file is written to a temporary file in the same folder, checked as IDX, then renamed.
+
+    Args:
+        name: ``fashion-mnist`` or ``mnist``.
+        data_dir: see :func:`resolve_data_dir`; files go to ``data_dir/name/``.
+        force: fetch even files that exist.
+        log: called with one line per file fetched (e.g. ``click.echo``).
+
+    Returns:
+        The paths of all the dataset's files.
+
+    Raises:
+        DataError: unknown name, unwritable folder, network failure or a bad download.
+    """
+    name = _dataset_name(name)
+    folder = resolve_data_dir(data_dir) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create {folder} ({e.strerror or e}); choose a writable data dir with ${DATA_ENV}"
+        raise DataError(msg) from None
+    paths = [folder / _file_name(split, what) for split in SPLITS for what in ("images", "labels")]
+    for path in paths:
+        if force or not (path.is_file() or path.with_suffix("").is_file()):
+            _fetch(URLS[name] + path.name, path, log)
+    return paths
+
+
+def _fetch(url: str, dest: Path, log: Callable[[str], None] | None) -> None:
+    """Download ``url`` to ``dest`` atomically, validating it as IDX before the rename."""
+    if log is not None:
+        log(f"downloading {url} -> {dest}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        read_idx(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        msg = f"could not download {url} ({reason}); check the connection or put the file at {dest} by hand"
+        raise DataError(msg) from None
+    except DataError as e:
+        msg = f"the download of {url} is not a valid IDX file ({e}); try again or put the file at {dest} by hand"
+        raise DataError(msg) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- custom files
+
+
+def _np_load(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
+    """``np.load`` without pickles, errors re-raised as DataError naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the path") from None
+    except _NP_ERRORS as e:
+        msg = f"cannot read {path} ({e}); it is truncated, corrupt or not a numeric array, save it with numpy.save"
+        raise DataError(msg) from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array of a ``.npy`` file."""
+    obj = _np_load(path)
+    if not isinstance(obj, np.ndarray):
+        obj.close()
+        raise DataError(f"{path} is an .npz archive, not an .npy array; rename it to .npz")
+    return obj
+
+
+def _load_npz(path: Path, key: str | None) -> np.ndarray:
+    """Array ``key`` of an ``.npz`` file (its only array when key is None)."""
+    obj = _np_load(path)
+    if isinstance(obj, np.ndarray):
+        raise DataError(f"{path} is an .npy array, not an .npz archive; rename it to .npy")
+    with obj:
+        keys = list(obj.files)
+        if key is None and len(keys) != 1:
+            hint = f"pick one with {path}:{keys[0]}" if keys else "save the images into it"
+            raise DataError(f"{path} holds {len(keys)} arrays ({', '.join(keys) or 'none'}); {hint}")
+        key = keys[0] if key is None else key
+        if key not in keys:
+            raise DataError(f"{path} has no array '{key}'; its arrays are {', '.join(keys)}, use {path}:NAME")
+        try:
+            arr = obj[key]
+        except _NP_ERRORS as e:
+            raise DataError(f"cannot read array '{key}' of {path} ({e}); the file is corrupt, save it again") from None
+        if not isinstance(arr, np.ndarray):  # numpy returns a member that is not an .npy file as raw bytes
+            raise DataError(f"'{key}' in {path} is not a numpy array; save the file with numpy.savez")
+        return arr
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(H, W) uint8 for greyscale, (H, W, 3) for colour."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = PIL_MODES.get(im.mode)
+            arr = None if mode is None else np.asarray(im if im.mode == mode else im.convert(mode))
+            found = im.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path} ({e}); it is truncated or corrupt, replace or remove it") from None
+    if arr is None:
+        raise DataError(f"{path} has image mode {found}; save it as 8-bit greyscale (L) or RGB")
+    return arr
+
+
+def _hwc(arr: np.ndarray) -> str:
+    """``HxWxC`` of an (H, W) or (H, W, C) image."""
+    return f"{arr.shape[0]}x{arr.shape[1]}x{arr.shape[2] if arr.ndim == 3 else 1}"
+
+
+def _load_folder(path: Path) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 3) uint8 from the folder's PNG/JPEG files, sorted by name."""
+    if not path.is_dir():
+        raise DataError(f"folder {path} does not exist; check the path")
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in _IMAGE_EXTS and not p.name.startswith(".")),
+                   key=lambda p: p.name)
+    if not files:
+        raise DataError(f"folder {path} has no PNG/JPEG images; put .png/.jpg files in it")
+    images = [_read_image(p) for p in files]
+    for p, im in zip(files, images):
+        if im.shape != images[0].shape:
+            raise DataError(
+                f"images in {path} differ in size or colour ({files[0].name} is {_hwc(images[0])}, "
+                f"{p.name} is {_hwc(im)}); resize/convert them all to one size and mode"
+            )
+    return np.stack(images)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _raw_images(s: Spec, data_dir: str | os.PathLike | None) -> np.ndarray:
+    """The whole set before slicing: uint8 or float, (N, H, W) or (N, H, W, C)."""
+    if s.kind == "named":
+        return read_idx(_named_path(s, "images", data_dir))
+    path = Path(s.name).expanduser()
+    if s.kind == "folder":
+        return _load_folder(path)
+    if s.kind == "npy":
+        return _load_npy(path)
+    if s.kind == "npz":
+        return _load_npz(path, s.key)
+    return read_idx(path)
+
+
+def to_nchw(arr: np.ndarray, label: str) -> np.ndarray:
+    """(N, C, H, W) view of an (N, H, W) or (N, H, W, C) array with C in {1, 3}."""
+    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+        raise DataError(f"{label} has dtype {arr.dtype}; save images as uint8 (0-255) or float in [0, 1]")
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[3] not in (1, 3):
+        raise DataError(
+            f"{label} has shape {arr.shape}, channels first; save it as (N, H, W, C), e.g. x.transpose(0, 2, 3, 1)"
+        )
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3)):
+        raise DataError(
+            f"{label} has shape {arr.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3, reshape it"
+        )
+    if arr.shape[0] == 0 or 0 in arr.shape[1:3]:
+        raise DataError(f"{label} is empty (shape {arr.shape}); give a set with at least one image")
+    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
+def _bounds(total: int, s: Spec) -> tuple[int, int]:
+    """(start, stop) of the spec's slice in a set of ``total`` images; DataError when out of range or empty."""
+    start = 0 if s.start is None else s.start + (total if s.start < 0 else 0)
+    stop = total if s.stop is None else s.stop + (total if s.stop < 0 else 0)
+    if not (0 <= start <= total and 0 <= stop <= total):
+        text = f"[{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}]"
+        raise DataError(
+            f"slice {text} of {s.name} is out of range for {total} images; use bounds between -{total} and {total}"
+        )
+    if stop <= start:
+        raise DataError(f"{describe(s)} selects no images ({total} available); widen the slice")
+    return start, stop
+
+
+def _check_count(n: int | None) -> int | None:
+    """``n`` validated as None or a positive int."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise DataError(f"n must be a positive integer, got {n!r}; pass e.g. n=10000")
+    return None if n is None else int(n)
+
+
+def _check_shape(shape: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """``shape`` validated as None or three positive ints (C, H, W)."""
+    if shape is None:
+        return None
+    dims = tuple(shape)
+    if len(dims) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+        raise DataError(f"shape must be (C, H, W) with positive ints, got {shape!r}; pass e.g. shape=(1, 28, 28)")
+    return tuple(int(d) for d in dims)
+
+
+def to_unit(x: np.ndarray, label: str) -> np.ndarray:
+    """C-contiguous float32 in [0, 1]: uint8 divided by 255, float validated (finite, in range)."""
+    if x.dtype == np.uint8:
+        out = np.empty(x.shape, np.float32)
+        return np.divide(x, np.float32(255.0), out=out, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{label} contains NaN or inf values; remove or replace them")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"{label} has values in [{lo:.4g}, {hi:.4g}] but images must lie in [0, 1]; "
+            "rescale them (or save uint8 0-255)"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_model_shape(x: np.ndarray, shape: tuple[int, int, int], label: str) -> None:
+    """DataError when the images' (C, H, W) differs from the model's."""
+    if tuple(x.shape[1:]) != shape:
+        c, h, w = x.shape[1:]
+        raise DataError(
+            f"{label}: images are {h}x{w}x{c} but the model expects {shape[1]}x{shape[2]}x{shape[0]}; "
+            "resize them or train a model on this data"
+        )
+
+
+def _synthetic(s: Spec, shape: tuple[int, int, int], n: int | None, seed: int) -> np.ndarray:
+    """Seeded synthetic set; ``X[a:b]`` equals rows a..b of the unsliced set (prefix-stable generation)."""
+    start, stop = _bounds(DEFAULT_N if n is None else n, s)
+    rng = np.random.default_rng(seed)
+    size = (stop, *shape)
+    if s.name == "uniform":
+        x = rng.random(size, dtype=np.float32)
+    elif s.name == "gaussian":
+        x = rng.standard_normal(size, dtype=np.float32)
+        x += np.float32(0.5)
+        np.clip(x, 0.0, 1.0, out=x)
+    else:
+        x = np.empty(size, np.float32)
+        x[...] = rng.random(stop, dtype=np.float32).reshape(stop, 1, 1, 1)
+    return np.ascontiguousarray(x[start:])
+
+
+def head_spec(spec: str, n: int) -> str:
+    """A spec for the first ``n`` images of ``spec`` (all of it when n ≤ 0), e.g. mnist[:8000], 5000 →
+    mnist[0:5000]. Slices with negative bounds are kept whole."""
+    parsed = parse_spec(spec)
+    if n <= 0:
+        return spec
+    if parsed.start is None and parsed.stop is None:
+        return f"{spec}[:{n}]"
+    start = parsed.start or 0
+    if start < 0 or (parsed.stop is not None and parsed.stop < 0):
+        return spec
+    stop = start + n if parsed.stop is None else min(parsed.stop, start + n)
+    return f"{spec[: spec.rindex('[')]}[{start}:{stop}]"
+
+
+def load_images(
+    spec: str | os.PathLike | Spec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Load the image set a SPEC names (see :func:`parse_spec`).
+
+    Args:
+        spec: dataset SPEC, e.g. ``fashion-mnist``, ``mnist[8000:]``, ``uniform[:500]``, ``x.npz:test``.
+        data_dir: folder of the named datasets, see :func:`resolve_data_dir`.
+        shape: the model's (C, H, W). Synthetic sets are drawn at this shape (default (1, 28, 28));
+            other sets must match it.
+        n: synthetic sets: size before slicing (default 10000); other sets: keep at most the first n
+            images after slicing.
+        seed: seed of synthetic sets (``numpy.random.default_rng``); the same spec and seed give the same images.
+
+    Returns:
+        C-contiguous float32 array of shape (N, C, H, W) with values in [0, 1].
+
+    Raises:
+        DataError: any bad spec, missing/corrupt file or bad values; the one-line message names the fix.
+    """
+    s, shape, n = parse_spec(spec), _check_shape(shape), _check_count(n)
+    if s.kind == "synthetic":
+        return _synthetic(s, shape or DEFAULT_SHAPE, n, seed)
+    label = describe(s)
+    x = to_nchw(_raw_images(s, data_dir), label)
+    start, stop = _bounds(len(x), s)
+    x = to_unit(x[start:stop][:n], label)
+    if shape is not None:
+        check_model_shape(x, shape, label)
+    return x
+
+
+def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Class labels of a named dataset, with the same split and slice rules as :func:`load_images`.
+
+    Args:
+        spec: SPEC of a named dataset, e.g. ``mnist[:8000]``.
+        data_dir: see :func:`resolve_data_dir`.
+
+    Returns:
+        int64 array of shape (N,).
+
+    Raises:
+        DataError: not a named dataset, missing or corrupt labels file, bad slice.
+    """
+    s = parse_spec(spec)
+    if s.kind != "named":
+        raise DataError(f"{describe(s)} has no labels; labels exist only for {', '.join(URLS)}")
+    labels = read_idx(_named_path(s, "labels", data_dir))
+    if labels.ndim != 1:
+        raise DataError(f"{s.name} labels have shape {labels.shape}, expected (N,); the file is corrupt, get it again")
+    start, stop = _bounds(len(labels), s)
+    return labels[start:stop].astype(np.int64)
+
+
+def prepare_images(images, shape: tuple[int, int, int], label: str = "input") -> np.ndarray:
+    """Validate images for a model of (C, H, W) ``shape`` and convert them to float32 (N, C, H, W) in [0, 1].
+
+    Args:
+        images: array-like or CPU tensor of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with C in
+            {1, 3}; uint8 (0-255) or float in [0, 1].
+        shape: the model's (C, H, W).
+        label: what the images are called in error messages.
+
+    Returns:
+        C-contiguous float32 array of shape (N, C, H, W).
+
+    Raises:
+        DataError: the rules and messages of :func:`dgmood.data.datasets.load_images` (dtype, shape, channels,
+            size, NaN/inf, range, empty).
+    """
+    if hasattr(images, "detach") and hasattr(images, "numpy"):  # a torch tensor (torch is not imported here)
+        images = images.detach().cpu().numpy()
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{label} cannot be read as an array ({err}); pass a numpy array (N, H, W[, C])") from None
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[3] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)  # (N, C, H, W) is accepted here (dgmood.data.datasets asks files for channels last)
+    x = to_nchw(arr, label)
+    check_model_shape(x, tuple(shape), label)
+    return to_unit(x, label)

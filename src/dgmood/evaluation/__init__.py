@@ -1,0 +1,1 @@
+"""Metrics, reports and plots (never import torch models)."""

@@ -1,0 +1,111 @@
+"""One evaluation for every method: score the in-distribution test set and each OOD set, metrics, outputs.
+
+It works on anything with ``statistic_values(images_or_loader, key)`` and ``score_values(values)`` (a fitted
+:class:`~dgmood.methods.image_detector.ImageDetector`), so it never imports a model. The in-distribution
+test set is the positive class (METHODS §4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+__all__ = ["Evaluation", "evaluate_detectors", "write_evaluation"]
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_detectors` returns.
+
+    Attributes:
+        in_name: The in-distribution test set's name.
+        results: method → OOD name → metric → value.
+        scores: method → {"in": (N,), "ood": {name: (M,)}}, higher = more in-distribution.
+        values: method → set name → statistic → raw values (N,) or (N, K).
+        seconds: method → seconds of scoring (statistics cached before count as free).
+    """
+
+    in_name: str
+    results: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def ood_names(self) -> list[str]:
+        first = next(iter(self.scores.values()), {"ood": {}})
+        return list(first["ood"])
+
+
+def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Callable[[], np.ndarray]],
+                       ood_sets: Mapping[str, Callable[[], np.ndarray]]) -> Evaluation:
+    """Scores and metrics of every detector on the in-distribution test set and each OOD set.
+
+    Args:
+        detectors: name → fitted detector (see the module docstring).
+        in_set: (name, zero-argument image loader) of the in-distribution test set; the name is the cache key.
+        ood_sets: name → image loader of each OOD set.
+    """
+    from dgmood.evaluation.metrics import evaluate
+
+    if not ood_sets:
+        raise ValueError("no OOD set given; name at least one with --ood SPEC")
+    in_name, in_loader = in_set
+    loaders = {in_name: _Once(in_loader), **{k: _Once(v) for k, v in ood_sets.items()}}
+    ev = Evaluation(in_name)
+    for method, det in detectors.items():
+        start = time.perf_counter()
+        values = {name: det.statistic_values(loader, name) for name, loader in loaders.items()}
+        scores = {name: det.score_values(v) for name, v in values.items()}
+        ev.seconds[method] = time.perf_counter() - start
+        ev.values[method] = values
+        ev.scores[method] = {"in": scores[in_name], "ood": {k: scores[k] for k in ood_sets}}
+        ev.results[method] = {k: evaluate(scores[in_name], scores[k]) for k in ood_sets}
+    return ev
+
+
+def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: str, main: str,
+                     extra: Mapping | None = None) -> str:
+    """metrics.json/.csv, ROC curves, the score histograms of method ``main``, report.md and evaluation.json in
+    ``directory``; returns the text metrics table.
+
+    Args:
+        directory: Output folder.
+        ev: The evaluation.
+        context: Label → value lines of the report's context table.
+        title: The report's title.
+        main: The method whose score histograms are drawn.
+        extra: More JSON for evaluation.json.
+    """
+    from dgmood.evaluation import report
+    from dgmood.utils.files import write_json
+
+    directory = Path(directory)
+    rows = report.metrics_table(ev.results)
+    report.write_metrics(directory, ev.results)
+    write_json(directory / "evaluation.json", {"in": ev.in_name, "ood": ev.ood_names, "methods": list(ev.results),
+                                                **dict(extra or {})})
+    entry = ev.scores[main]
+    plots = {
+        "ROC curves per OOD set": report.plot_roc(ev.scores, directory / "plots" / "roc.png"),
+        f"Score of {main}, in-distribution vs each OOD set": report.plot_score_histograms(
+            entry["in"], entry["ood"], directory / "plots" / "scores.png", label=f"{main} score"),
+    }
+    report.write_report(directory, rows, plots, context, title=title)
+    return report.format_table(rows, "text")
+
+
+class _Once:
+    """A zero-argument loader that loads at most once."""
+
+    def __init__(self, fn: Callable[[], np.ndarray]):
+        self.fn, self._value = fn, None
+
+    def __call__(self) -> np.ndarray:
+        if self._value is None:
+            self._value = self.fn()
+        return self._value

@@ -1,0 +1,1 @@
+"""Methods: image detectors built from a model, statistics and an array detector."""

@@ -1,0 +1,315 @@
+"""The dual-threshold evaluation of a run (METHODS §3): calibrate the LID, fit the thresholds, score, report.
+
+Steps, all from training data except the scoring itself:
+1. target LID = mean LPCA over training images (cached in ``RUN/dual-LENS-LID/calibration.json``);
+2. τ (flow Jacobian, normal bundle) or σ₀ (FLIPD) so that the lens's mean LID over 80 random training
+   points equals the target;
+3. a :class:`~dgmood.detectors.dual.DualThresholdDetector` on (log-likelihood, LID) of ``fit_n`` training images;
+4. every method (dual threshold, likelihood alone, LID alone, the lens's baselines, input complexity) scored on
+   the in-distribution test set and each OOD set; the optimal-ROC AUC of the pair added as ``auroc_optimal_dual``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from dgmood.statistics.lens import LID_STATISTIC, LensConfig, StatCache, settings_dict
+
+__all__ = ["DualConfig", "DualEvaluation", "calibration", "calibration_set_name", "evaluate_dual", "lid_from_sv",
+           "write_dual_outputs"]
+
+
+@dataclass(frozen=True)
+class DualConfig:
+    """Settings of :func:`evaluate_dual`.
+
+    Attributes:
+        lens: How log-likelihood and LID are computed.
+        fit_n: Training images (the first ``fit_n``) whose statistics fit the thresholds.
+        calibration_n: Random training points of the LID calibration (METHODS §3: 80).
+        lpca_queries: Training points whose LPCA LID is averaged into the calibration target.
+        lpca_pool: Training images LPCA's neighbours are searched in (the first ``lpca_pool``).
+        lpca_neighbors: Neighbours k of LPCA (the paper: 1000).
+        acceptance: In-distribution training acceptance of the fitted thresholds.
+        background: Run directory of a background model (same kind, trained with ``--perturb``) for the
+            likelihood-ratio baseline; empty for none.
+    """
+
+    lens: LensConfig = field(default_factory=LensConfig)
+    fit_n: int = 500
+    calibration_n: int = 80
+    lpca_queries: int = 200
+    lpca_pool: int = 10000
+    lpca_neighbors: int = 1000
+    acceptance: float = 0.95
+    background: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"dual-{self.lens.lens}-{self.lens.lid}"
+
+
+@dataclass
+class DualEvaluation:
+    """What :func:`evaluate_dual` returns.
+
+    Attributes:
+        results: method → OOD spec → metric → value (``METRIC_NAMES``; the dual method adds ``auroc_optimal_dual``).
+        scores: method → {"in": (N,), "ood": {spec: (M,)}}, higher = more in-distribution.
+        pairs: spec → (N, 2) array of (log-likelihood in nats, LID), the in-distribution spec included.
+        calibration: the stored calibration (target LPCA, parameter, value, achieved mean LID).
+        seconds_per_image: statistic → seconds per image when it was computed.
+        directory: Where metrics, plots and report go.
+    """
+
+    results: dict
+    scores: dict
+    pairs: dict
+    calibration: dict
+    seconds_per_image: dict
+    directory: Path
+
+
+class _Stats:
+    """Cached statistics of one run through one lens."""
+
+    def __init__(self, run, config: DualConfig):
+        self.run, self.config = run, config
+        self.cache = StatCache(run.directory / "lens", run.model_sha)
+        self.seconds: dict[str, float] = {}
+        self.background = (_Stats(_background_run(run, config.background), replace(config, background=""))
+                           if config.background else None)
+        self._train = None
+
+    @property
+    def train(self) -> np.ndarray:
+        """The run's training images (N, C, H, W), loaded once."""
+        if self._train is None:
+            self._train = self.run.images(self.run.config.data)
+        return self._train
+
+    def get(self, stat: str, spec: str, images_fn=None, **extra) -> np.ndarray:
+        images_fn = images_fn or (lambda: self.run.images(spec))
+        values, meta = self.cache.get(stat, self.config.lens, spec, images_fn, self.run.model, self.run.device,
+                                      self.run.progress, **extra)
+        self.seconds.setdefault(stat, meta.get("seconds_per_image", float("nan")))
+        return values
+
+
+def _background_run(run, directory: str):
+    background = type(run)(Path(directory), run.device, run.data_dir, run.progress)
+    if background.config.model != run.config.model or background.config.net.image_shape != run.config.net.image_shape:
+        raise ValueError(f"background run {directory} holds a {background.config.model} model for images "
+                         f"{tuple(background.config.net.image_shape)}; it must match {run.directory}")
+    if background.config.train.perturb <= 0:
+        raise ValueError(f"background run {directory} was not trained on perturbed images; train it with --perturb")
+    return background
+
+
+# --- calibration ---------------------------------------------------------------------------------------------
+
+
+def calibration_set_name(data: str, n: int, seed: int) -> str:
+    """The dataset name the LID calibration points' statistics are cached under."""
+    return f"calibration:{data}:n{n}:seed{seed}"
+
+
+def _calibration_images(stats: _Stats, config: DualConfig) -> tuple[str, np.ndarray]:
+    from dgmood.statistics.calibrate import calibration_points
+
+    data = stats.run.config.data
+    idx = calibration_points(len(stats.train), config.calibration_n, seed=config.lens.seed)
+    return calibration_set_name(data, config.calibration_n, config.lens.seed), stats.train[idx]
+
+
+def _head(stats: _Stats, n: int) -> str:
+    """The spec of the first ``n`` training images (all of them when there are fewer)."""
+    from dgmood.data.datasets import head_spec
+
+    return head_spec(stats.run.config.data, min(n, len(stats.train)))
+
+
+def _target_lid(stats: _Stats, config: DualConfig) -> float:
+    from dgmood.statistics.calibrate import target_lid
+
+    pool = stats.train[: config.lpca_pool]
+    return float(target_lid(pool.reshape(len(pool), -1), n_neighbors=min(config.lpca_neighbors, len(pool) - 1),
+                            n_queries=config.lpca_queries, seed=config.lens.seed))
+
+
+def _calibrate(stats: _Stats, config: DualConfig, target: float) -> dict:
+    """τ or σ₀ so that the mean LID over the calibration points matches ``target`` (METHODS §3)."""
+    from dgmood.statistics import calibrate
+
+    name, images = _calibration_images(stats, config)
+    lens = config.lens
+    if lens.lid == "flipd":
+        import torch
+
+        from dgmood.models.diffusion import flipd
+        from dgmood.models.noise import t_to_sigma
+
+        x = torch.from_numpy(images).to(stats.run.device)
+
+        def mean_flipd(sigma0: float) -> float:
+            gen = torch.Generator().manual_seed(lens.seed)
+            return float(flipd(stats.run.model, x, sigma0, probes=lens.probes, generator=gen).mean())
+
+        # bracket: the pixel σ of VP times 1e-4 and 1; Hutchinson noise can make the curve locally non-monotone,
+        # and bisection keeps a bracket, so the result is a crossing of the target either way
+        lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
+        value = calibrate.calibrate_sigma0(mean_flipd, target, lo, hi, tol=0.5, check_monotone=False)
+        return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value)}
+    sv = stats.get(LID_STATISTIC[lens.lid], name, lambda: images)
+    dim = images[0].size
+    tau = calibrate.calibrate_tau(sv, target, kind="flow" if lens.lid == "jacobian" else "normal_bundle", dim=dim)
+    return {"parameter": "tau", "value": tau, "achieved": float(lid_from_sv(sv, tau, lens.lid, dim).mean())}
+
+
+def lid_from_sv(sv: np.ndarray, tau: float, lid: str, dim: int) -> np.ndarray:
+    """Flow: LID = #{s > τ}; normal bundle: LID = D − #{s > τ} (METHODS §3), shape (N,)."""
+    above = (sv > tau).sum(axis=1).astype(np.float64)
+    return above if lid == "jacobian" else dim - above
+
+
+def calibration(run, config: DualConfig, stats: _Stats | None = None) -> dict:
+    """The run's stored calibration for this lens and LID, computed (and stored) when missing or stale."""
+    from dgmood.utils.files import write_json
+
+    stats = stats or _Stats(run, config)
+    path = run.directory / config.name / "calibration.json"
+    key = {"model_sha256": run.model_sha, "lens": settings_dict(config.lens),
+           "setup": {k: v for k, v in asdict(config).items() if k not in ("lens", "fit_n", "acceptance", "background")}}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            return stored
+    start = time.perf_counter()
+    target = _target_lid(stats, config)
+    result = dict(_calibrate(stats, config, target), target_lpca=target, key=key,
+                  seconds=time.perf_counter() - start)
+    write_json(path, result)
+    return result
+
+
+# --- scoring -------------------------------------------------------------------------------------------------
+
+
+def _lid(stats: _Stats, spec: str, calib: dict) -> np.ndarray:
+    lid = stats.config.lens.lid
+    if lid == "flipd":
+        return stats.get("flipd", spec, sigma0=calib["value"])
+    dim = int(np.prod(stats.run.config.net.image_shape))
+    return lid_from_sv(stats.get(LID_STATISTIC[lid], spec), calib["value"], lid, dim)
+
+
+def _pair(stats: _Stats, spec: str, calib: dict) -> np.ndarray:
+    return np.column_stack([stats.get("log_likelihood", spec), _lid(stats, spec, calib)])
+
+
+def _reconstruction_score(errors: np.ndarray, train_errors: np.ndarray) -> np.ndarray:
+    """Graham et al. (2023): each noise level's reconstruction error z-scored with training statistics, then
+    averaged over levels; negated so that higher = more in-distribution. Shapes (N, L), (M, L) → (N,)."""
+    mean, std = train_errors.mean(axis=0), train_errors.std(axis=0) + 1e-12
+    return -((errors - mean) / std).mean(axis=1)
+
+
+def _baselines(stats: _Stats, spec: str, pair: np.ndarray, fit_spec: str) -> dict[str, np.ndarray]:
+    """Single-statistic scores, higher = more in-distribution."""
+    from dgmood.models.flow import bits_per_dim
+
+    dim = int(np.prod(stats.run.config.net.image_shape))
+    bpd = bits_per_dim(pair[:, 0], dim)
+    complexity = stats.get("complexity", spec)
+    out = {"likelihood": pair[:, 0], "lid": pair[:, 1], "complexity-corrected": -(bpd - complexity)}
+    if stats.background is not None:  # Ren et al. (2019): log p(x) − log p_background(x)
+        out["likelihood-ratio"] = pair[:, 0] - stats.background.get("log_likelihood", spec)
+    if stats.config.lens.lens == "flow":
+        out["grad-norm"] = -stats.get("grad_norm", spec)
+    else:
+        out["score-norm"] = -stats.get("score_norm", spec)
+        out["reconstruction"] = _reconstruction_score(stats.get("reconstruction", spec),
+                                                      stats.get("reconstruction", fit_spec))
+    return out
+
+
+def evaluate_dual(run, config: DualConfig, ood_specs: list[str], in_spec: str = "") -> DualEvaluation:
+    """Calibrate, fit and score the dual-threshold method and its baselines on a run (see module docstring)."""
+    from dgmood.detectors.dual import DualThresholdDetector, optimal_roc_auc
+    from dgmood.evaluation.metrics import evaluate
+
+    in_spec = in_spec or run.config.in_test
+    if not in_spec:
+        raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
+    if not ood_specs:
+        raise ValueError("no OOD set given; name at least one with --ood SPEC")
+    if (run.config.model == "flow") != (config.lens.lens == "flow"):
+        raise ValueError(f"the {config.lens.lens} lens needs a {'flow' if config.lens.lens == 'flow' else 'score'} "
+                         f"model, but {run.directory} holds a {run.config.model} model")
+    stats = _Stats(run, config)
+    calib = calibration(run, config, stats)
+    fit_spec = _head(stats, config.fit_n)
+    pairs = {spec: _pair(stats, spec, calib) for spec in dict.fromkeys([fit_spec, in_spec, *ood_specs])}
+    detector = DualThresholdDetector(acceptance=config.acceptance).fit(pairs[fit_spec])
+    per_spec = {spec: dict(_baselines(stats, spec, pairs[spec], fit_spec), **{"dual-threshold": detector.score_samples(
+        pairs[spec])}) for spec in [in_spec, *ood_specs]}
+    methods = ["dual-threshold", *(m for m in per_spec[in_spec] if m != "dual-threshold")]
+    scores = {m: {"in": per_spec[in_spec][m], "ood": {s: per_spec[s][m] for s in ood_specs}} for m in methods}
+    results = {m: {s: evaluate(sc["in"], sc["ood"][s]) for s in ood_specs} for m, sc in scores.items()}
+    for s in ood_specs:
+        p_in, p_out = pairs[in_spec], pairs[s]
+        results["dual-threshold"][s]["auroc_optimal_dual"] = optimal_roc_auc(p_in[:, 0], p_in[:, 1], p_out[:, 0],
+                                                                             p_out[:, 1])
+    calib = dict(calib, thresholds=[float(t) for t in detector.thresholds_], fit_data=fit_spec)
+    return DualEvaluation(results, scores, pairs, calib, dict(stats.seconds), run.directory / config.name)
+
+
+def _context(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds: float) -> dict:
+    calib, lens = ev.calibration, config.lens
+    context = {
+        "training set": run.config.data,
+        "in-distribution test set": in_spec,
+        "lens / LID estimator": f"{lens.lens} / {lens.lid}",
+        "model sha256": run.model_sha[:16],
+        "thresholds fitted on": f"{calib['fit_data']} (acceptance {config.acceptance:.0%})",
+        "calibration target (mean LPCA)": f"{calib['target_lpca']:.1f} ({config.lpca_queries} queries, "
+                                          f"k = {config.lpca_neighbors})",
+        f"calibrated {calib['parameter']}": f"{calib['value']:.4g} (mean LID {calib['achieved']:.1f} on "
+                                            f"{config.calibration_n} training points)",
+        "thresholds (log-likelihood nats, LID)": ", ".join(f"{t:.4g}" for t in calib["thresholds"]),
+    }
+    if lens.lens == "diffusion":
+        context["PF-ODE"] = f"{lens.solver}, tol {lens.tol:g}, t_eps {lens.t_eps:g}, {lens.probes} probes"
+    for stat, s in ev.seconds_per_image.items():
+        context[f"time per image: {stat}"] = f"{s * 1000:.1f} ms"
+    context["evaluation time"] = f"{seconds:.1f} s"
+    return context
+
+
+def write_dual_outputs(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds: float) -> str:
+    """metrics.json/.csv, the scatter and ROC plots and report.md in ``ev.directory``; returns the text table."""
+    from dgmood.evaluation import report
+    from dgmood.utils.files import write_json
+
+    out = ev.directory
+    ood = {s: ev.pairs[s] for s in ev.scores["likelihood"]["ood"]}
+    rows = report.metrics_table(ev.results)
+    report.write_metrics(out, ev.results)
+    write_json(out / "evaluation.json", {"in": in_spec, "ood": list(ood), "lens": settings_dict(config.lens),
+                                          "fit_n": config.fit_n, "calibration": ev.calibration,
+                                          "seconds_per_image": ev.seconds_per_image})
+    plots = {
+        "Log-likelihood vs LID, in-distribution vs each OOD set (dashed: fitted thresholds)": report.plot_pairs(
+            ev.pairs[in_spec], ood, out / "plots" / "pairs.png", thresholds=ev.calibration["thresholds"]),
+        "Dual-threshold ROC (optimal threshold pairs) vs single-threshold ROCs": report.plot_dual_roc(
+            ev.pairs[in_spec], ood, ev.scores, out / "plots" / "dual_roc.png"),
+        "ROC of every method": report.plot_roc(ev.scores, out / "plots" / "roc.png"),
+    }
+    report.write_report(out, rows, plots, _context(run, config, ev, in_spec, seconds),
+                        title=f"dgmood dual-threshold report ({config.lens.lens} lens, {config.lens.lid} LID)")
+    return report.format_table(rows, "text")

@@ -1,0 +1,293 @@
+"""One fitted image detector: a trained generative model + per-image statistics + one array detector + its threshold.
+
+The shape is scikit-learn's Pipeline: the statistics are transformers from images to feature columns (some fit
+on training images: LID calibration, the raw-pixel k-NN bank), the last step is an outlier estimator on the
+concatenated columns (:mod:`dgmood.detectors`), whose ``offset_`` is the threshold. Unlike a Pipeline the
+transformers share one model and one cache of values, and the whole thing saves to one folder::
+
+    DIR/detector.json            method, image shape, network config, statistics (class, params, fitted scalars),
+                                 column names, threshold, provenance, and the SHA-256 of every file below
+    DIR/model.safetensors        the model's (EMA) weights
+    DIR/statistics.safetensors   fitted arrays of the statistics (the k-NN bank as uint8)
+    DIR/estimator/               the array detector (detector.json + arrays.safetensors)
+
+JSON + safetensors only, never pickles; the folder can be copied anywhere and loaded without the run.
+
+Usage::
+
+    det = ImageDetector.load("runs/demo/detectors/combined")
+    det.score_samples(images)   # (N,) float64, higher = more in-distribution; images (N, H, W[, C]) uint8 or [0, 1]
+    det.predict(images)         # (N,) int, +1 in-distribution / -1 OOD
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from dgmood.data.datasets import prepare_images
+from dgmood.statistics.base import Statistic, as_columns, statistic_from_dict
+from dgmood.utils.errors import CheckpointError
+
+__all__ = ["FORMAT", "ImageDetector"]
+
+FORMAT = "dgmood-image-detector/1"
+_SHA = "detector_sha256"
+_CHUNK = 2048  # images per pass when nothing is cached: bounded memory for any number of images
+
+
+class ImageDetector:
+    """A generative model, its statistics and an array detector, fitted on training images only.
+
+    Args:
+        model: The trained network (``ScoreNet`` or ``ImageFlow``), eval mode; ``model.config`` its config.
+        statistics: The per-image statistics, in column order.
+        estimator: An unfitted (or fitted) dgmood array detector: ``fit``, ``score_samples``, ``offset_``.
+        method: The recipe's name (``combined``, ``msma-knn``, ...), for display and saving.
+        log_scale: Give the estimator log values of statistics that are positive norms / errors / distances.
+        device: Torch device of the network passes.
+        cache: A :class:`~dgmood.statistics.cache.StatisticCache` for named datasets, or None.
+        progress: Progress bars on network passes.
+
+    Attributes:
+        columns_: Feature column names (after ``fit``).
+        info: Provenance saved with the detector (model checksum, training data, fit time, ...).
+    """
+
+    def __init__(self, model, statistics: list[Statistic], estimator, method: str = "", log_scale: bool = True,
+                 device="cpu", cache=None, progress: bool = False):
+        self.model, self.statistics, self.estimator = model, list(statistics), estimator
+        self.method, self.log_scale, self.device = method, log_scale, device
+        self.cache, self.progress = cache, progress
+        self.columns_: list[str] = []
+        self.info: dict = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        stats = ", ".join(s.name for s in self.statistics)
+        c, h, w = self.image_shape
+        threshold = f", threshold={self.threshold:.4g}" if hasattr(self.estimator, "offset_") else ""
+        return f"ImageDetector({self.method!r}, [{stats}], {type(self.estimator).__name__}, image {h}x{w}x{c}{threshold})"
+
+    # --- shapes and validation --------------------------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model takes."""
+        return tuple(int(d) for d in self.model.config.image_shape)
+
+    @property
+    def threshold(self) -> float:
+        """Scores at or above it are in-distribution (the estimator's ``offset_``)."""
+        return float(self.estimator.offset_)
+
+    def prepare(self, images, label: str = "input") -> np.ndarray:
+        """Images validated for the model and converted to float32 (N, C, H, W) in [0, 1]
+        (:func:`dgmood.data.datasets.prepare_images`; raises DataError with a one-line message)."""
+        return prepare_images(images, self.image_shape, label)
+
+    # --- statistics -------------------------------------------------------------------------------------------
+
+    def statistic_values(self, images, key: str | None = None, training: bool = False) -> dict[str, np.ndarray]:
+        """Raw values of every statistic: name → (N,) or (N, K).
+
+        Args:
+            images: Images (validated by :meth:`prepare`), or a zero-argument loader of them when ``key`` is given.
+            key: Dataset name under which values are cached (with ``cache``); None computes without caching,
+                in chunks of a few thousand images.
+            training: The images are the training images the statistics were fitted on.
+        """
+        if key is not None and self.cache is not None:
+            loaded = _Once(images if callable(images) else (lambda: self.prepare(images)))
+            return {s.name: self.cache.values(s, key, loaded, self.model, self.device, self.progress, training)
+                    for s in self.statistics}
+        x = self.prepare(images() if callable(images) else images)
+        parts = [self._compute(x[i:i + _CHUNK], training) for i in range(0, len(x), _CHUNK)] or [self._compute(x, training)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _compute(self, x: np.ndarray, training: bool) -> dict[str, np.ndarray]:
+        with self._lock:  # one network pass at a time (a server shares the detector between threads)
+            return {s.name: np.asarray((s.compute_training if training else s.compute)(
+                self.model, x, self.device, self.progress), dtype=np.float64) for s in self.statistics}
+
+    def columns(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The estimator's input (N, F): each statistic's values as columns, logged where ``log_scale``."""
+        return np.concatenate([as_columns(values[s.name], self.log_scale and s.log_scale) for s in self.statistics],
+                              axis=1)
+
+    def transform(self, images, key: str | None = None, training: bool = False) -> np.ndarray:
+        """Feature matrix (N, F) of images (see :meth:`statistic_values` for the arguments)."""
+        return self.columns(self.statistic_values(images, key, training))
+
+    # --- fit / score ------------------------------------------------------------------------------------------
+
+    def fit(self, train_images, fit_n: int = 0, key: str | None = None) -> "ImageDetector":
+        """Fit the statistics on all training images, then the estimator on the first ``fit_n`` (0: all).
+
+        Args:
+            train_images: Training images (N, C, H, W) or anything :meth:`prepare` takes.
+            fit_n: How many training images (the first) the estimator is fitted on.
+            key: Dataset name of those ``fit_n`` images in the cache (e.g. ``fashion-mnist[:5000]``), or None.
+        """
+        import time
+
+        start = time.perf_counter()
+        x = self.prepare(train_images, "training images")
+        for stat in self.statistics:
+            stat.fit(self.model, x, self.device, self.progress)
+        rows = x[:fit_n] if fit_n else x
+        values = self.statistic_values((lambda: rows) if key else rows, key, training=True)
+        self.estimator.fit(self.columns(values))
+        self.columns_ = [c for s in self.statistics for c in s.columns(as_columns(values[s.name], False).shape[1])]
+        self.info = dict(self.info, n_train=int(len(x)), n_fit=int(len(rows)), fit_seconds=time.perf_counter() - start)
+        return self
+
+    def score_samples(self, images, key: str | None = None) -> np.ndarray:
+        """(N,) float64 in-distribution scores, higher = more in-distribution."""
+        return self.score_values(self.statistic_values(images, key))
+
+    def score_values(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """Scores from already computed :meth:`statistic_values`."""
+        return np.asarray(self.estimator.score_samples(self.columns(values)), dtype=np.float64)
+
+    def predict(self, images, key: str | None = None) -> np.ndarray:
+        """(N,) int: +1 where the score reaches the threshold (in-distribution), else -1 (OOD)."""
+        return np.where(self.score_samples(images, key) >= self.threshold, 1, -1)
+
+    # --- save / load ------------------------------------------------------------------------------------------
+
+    def save(self, directory, weights_file: Path | None = None) -> Path:
+        """Write the fitted detector as one folder (see the module docstring); replaces an older one whole.
+
+        Args:
+            directory: Target folder.
+            weights_file: An existing safetensors file of the model's weights to copy (byte-identical, so its
+                checksum stays the run's); default: the model's state dict.
+        """
+        from safetensors.numpy import save_file
+
+        from dgmood.detectors.persist import save_detector
+        from dgmood.utils.files import file_sha256, with_checksum, write_json
+
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if weights_file is not None:
+            shutil.copyfile(weights_file, tmp / "model.safetensors")
+        else:
+            from safetensors.torch import save_file as save_torch
+
+            save_torch({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                       str(tmp / "model.safetensors"))
+        stats, arrays = [], {}
+        for i, stat in enumerate(self.statistics):
+            scalars, fitted = stat.state()
+            stats.append(dict(stat.to_dict(), state=scalars))
+            arrays.update({f"{i}.{k}": np.ascontiguousarray(v) for k, v in fitted.items()})
+        save_file(arrays, str(tmp / "statistics.safetensors"))
+        save_detector(self.estimator, tmp / "estimator", {"method": self.method})
+        files = ["model.safetensors", "statistics.safetensors", "estimator/detector.json", "estimator/arrays.safetensors"]
+        write_json(tmp / "detector.json", with_checksum({
+            "format": FORMAT, "method": self.method, "image_shape": list(self.image_shape),
+            "net": self.model.config.to_dict(), "statistics": stats, "log_scale": self.log_scale,
+            "columns": self.columns_, "threshold": self.threshold, "info": json.loads(json.dumps(self.info, default=str)),
+            "files": {f: file_sha256(tmp / f) for f in files},
+        }, _SHA))
+        _replace_folder(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory, device="cpu") -> "ImageDetector":
+        """A detector saved by :meth:`save`; CheckpointError (one line, what to do) when missing or damaged."""
+        directory = Path(directory)
+        meta = read_manifest(directory)
+        try:
+            return cls._from_manifest(directory, meta, device)
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+            raise CheckpointError(f"saved detector in {directory} cannot be loaded ({err}); fit it again") from err
+
+    @classmethod
+    def _from_manifest(cls, directory: Path, meta: dict, device) -> "ImageDetector":
+        import torch
+        from safetensors.numpy import load_file
+        from safetensors.torch import load_file as load_torch
+
+        from dgmood.detectors.persist import load_detector
+        from dgmood.models.registry import build_model, config_from_dict
+
+        model = build_model(config_from_dict(meta["net"]))
+        model.load_state_dict(load_torch(str(directory / "model.safetensors")))
+        model = model.to(device).eval()
+        if meta["net"].get("kind", "score") == "score" and hasattr(model, "scaled_score"):
+            model = model.to(memory_format=torch.channels_last)
+        arrays = load_file(str(directory / "statistics.safetensors"))
+        statistics = []
+        for i, entry in enumerate(meta["statistics"]):
+            stat = statistic_from_dict(entry)
+            prefix = f"{i}."
+            stat.set_state(entry.get("state", {}), {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            statistics.append(stat)
+        estimator, _ = load_detector(directory / "estimator")
+        det = cls(model, statistics, estimator, meta["method"], bool(meta.get("log_scale", True)), device)
+        det.columns_, det.info = list(meta.get("columns", [])), dict(meta.get("info", {}))
+        det.info["model_sha256"] = meta["files"]["model.safetensors"]
+        if abs(det.threshold - float(meta["threshold"])) > 1e-9 * max(1.0, abs(det.threshold)):
+            raise ValueError("its estimator's threshold differs from detector.json's")
+        return det
+
+
+def read_manifest(directory: Path) -> dict:
+    """``detector.json`` of a saved detector, its own checksum and every file's SHA-256 verified."""
+    from dgmood.utils.files import checksum_matches, file_sha256
+
+    path = Path(directory) / "detector.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} holds no saved detector (no detector.json); fit one with `dgmood fit`")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); fit the detector again") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dgmood image detector ({FORMAT}); fit the detector again")
+    if checksum_matches(meta, _SHA) is False:
+        raise CheckpointError(f"{path} does not match its {_SHA} (edited or damaged); fit the detector again")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path} lists no file checksums; fit the detector again")
+    for name, sha in files.items():
+        f = Path(directory) / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; copy the whole detector folder, or fit it again")
+        if file_sha256(f) != sha:
+            raise CheckpointError(f"{f} does not match its checksum in detector.json (damaged or replaced); "
+                                  "fit the detector again")
+    return meta
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``: the old folder is moved aside first and removed after, so a crash leaves
+    the old or the new detector (a leftover ``.NAME.old-PID`` or ``.NAME.partial-PID`` is ignored)."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Once:
+    """A zero-argument image loader that loads at most once (several statistics may need the images)."""
+
+    def __init__(self, fn):
+        self.fn, self._value = fn, None
+
+    def __call__(self) -> np.ndarray:
+        if self._value is None:
+            self._value = self.fn()
+        return self._value

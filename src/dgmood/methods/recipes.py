@@ -1,0 +1,190 @@
+"""Every detection method as a short recipe over :class:`~dgmood.methods.image_detector.ImageDetector`, in one place.
+
+A recipe names the statistics and the array detector; nothing else differs between methods. The default is
+``combined``, the best detector we measured (docs/results.md).
+
+| method | model | statistics | array detector |
+|---|---|---|---|
+| ``combined`` | score | score norms, complexity, FLIPD, reconstruction, raw-pixel 5-NN | mixture + k-NN term |
+| ``msma-knn``, ``msma-gmm``, ``msma-flow`` | score | score norms (MSMA) | k-NN / GMM / MAF flow |
+| ``pixel-knn`` | any | raw-pixel 5-NN distance (baseline) | the distance itself |
+| ``dual-threshold`` | flow or score | log-likelihood, LID (Jacobian or FLIPD) | both above thresholds |
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from dgmood.methods.image_detector import ImageDetector
+
+__all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "METHODS", "MethodConfig", "Recipe", "build_detector",
+           "method_names", "resolve_method"]
+
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")
+"""Statistics the combined detector can use, in column order (the k-NN distance last)."""
+
+DEFAULT_METHOD = "combined"
+
+
+def _msma_grid() -> tuple[float, ...]:
+    from dgmood.models.noise import geometric_sigmas
+
+    return tuple(float(s) for s in geometric_sigmas(1.0, 0.01, 10))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings the recipes read.
+
+    Attributes:
+        sigmas: σ grid of the score norms, pixel scale.
+        batch_size: Images per network call of the score norms.
+        features: Statistics of the combined detector, a subset of :data:`COMBINED_FEATURES`.
+        knn_k: k of the raw-pixel k-NN distance.
+        knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
+        reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps.
+        max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
+        probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
+        solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
+        acceptance: In-distribution training acceptance of every threshold.
+    """
+
+    sigmas: tuple[float, ...] = field(default_factory=lambda: _msma_grid())
+    batch_size: int = 500
+    features: tuple[str, ...] = COMBINED_FEATURES
+    knn_k: int = 5
+    knn_weight: float = 1.0
+    reconstruction_sigmas: tuple[float, ...] = (0.1, 0.3)
+    reconstruction_steps: int = 5
+    max_components: int = 10
+    probes: int = 4
+    seed: int = 0
+    solver: str = "adaptive"
+    acceptance: float = 0.95
+
+    def __post_init__(self):
+        unknown = [f for f in self.features if f not in COMBINED_FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"unknown combined feature(s) {unknown or '(none given)'}; choose from "
+                             f"{', '.join(COMBINED_FEATURES)}")
+        object.__setattr__(self, "features", tuple(f for f in COMBINED_FEATURES if f in self.features))
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method: which models it takes, its statistics and estimator, how many training images fit it.
+
+    Attributes:
+        name: Method name (command line, saved folder).
+        summary: One line for ``--help`` and reports.
+        models: Model kinds it works on (``score``, ``flow``).
+        build: (model kind, config) → (statistics, estimator, log_scale).
+        fit_n: Training images the estimator is fitted on; None: the run's ``--fit-n``.
+    """
+
+    name: str
+    summary: str
+    models: tuple[str, ...]
+    build: Callable = field(repr=False)
+    fit_n: int | None = None
+
+
+def _score_norms(cfg: MethodConfig):
+    from dgmood.statistics.score_norms import ScoreNorms
+
+    return ScoreNorms(cfg.sigmas, cfg.batch_size)
+
+
+def _combined(kind: str, cfg: MethodConfig):
+    from dgmood.detectors.estimators import CombinedDetector
+    from dgmood.statistics.complexity import Complexity
+    from dgmood.statistics.flipd import FLIPD
+    from dgmood.statistics.knn import PixelKNN
+    from dgmood.statistics.reconstruction import Reconstruction
+
+    make = {
+        "msma": lambda: _score_norms(cfg), "complexity": Complexity,
+        "flipd": lambda: FLIPD(probes=cfg.probes, seed=cfg.seed),
+        "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed),
+        "knn": lambda: PixelKNN(cfg.knn_k),
+    }
+    estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
+                                 max_components=cfg.max_components, acceptance=cfg.acceptance)
+    return [make[f]() for f in cfg.features], estimator, True
+
+
+def _msma(name: str):
+    def build(kind: str, cfg: MethodConfig):
+        from dgmood.detectors.estimators import DETECTORS
+
+        return [_score_norms(cfg)], DETECTORS[name](acceptance=cfg.acceptance), False
+
+    return build
+
+
+def _pixel_knn(kind: str, cfg: MethodConfig):
+    from dgmood.detectors.threshold import ThresholdDetector
+    from dgmood.statistics.knn import PixelKNN
+
+    return [PixelKNN(cfg.knn_k)], ThresholdDetector(column=0, sign=-1, acceptance=cfg.acceptance), True
+
+
+def _dual(kind: str, cfg: MethodConfig):
+    from dgmood.detectors.dual import DualThresholdDetector
+    from dgmood.statistics.flipd import FLIPD
+    from dgmood.statistics.likelihood import JacobianLID, LogLikelihood
+
+    if kind == "flow":
+        stats = [LogLikelihood("flow", seed=cfg.seed), JacobianLID(seed=cfg.seed)]
+    else:
+        stats = [LogLikelihood("diffusion", solver=cfg.solver, probes=cfg.probes, seed=cfg.seed),
+                 FLIPD(probes=cfg.probes, seed=cfg.seed)]
+    return stats, DualThresholdDetector(acceptance=cfg.acceptance), False
+
+
+METHODS: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("combined", "ours: score norms, complexity, FLIPD LID, reconstruction and raw-pixel k-NN in one mixture",
+           ("score",), _combined),
+    Recipe("msma-knn", "MSMA: k-NN on multiscale score norms", ("score",), _msma("knn")),
+    Recipe("msma-gmm", "MSMA: Gaussian mixture on multiscale score norms", ("score",), _msma("gmm")),
+    Recipe("msma-flow", "MSMA: MAF flow on multiscale score norms", ("score",), _msma("flow")),
+    Recipe("pixel-knn", "baseline: distance to the 5th nearest training image in raw pixels", ("score", "flow"),
+           _pixel_knn),
+    Recipe("dual-threshold", "likelihood and LID both above training thresholds (Kamkari et al. 2024)",
+           ("flow", "score"), _dual, fit_n=500),
+)}
+"""Method name → recipe: the one registry of methods."""
+
+ALIASES = {"knn": "msma-knn", "gmm": "msma-gmm", "flow": "msma-flow"}
+"""Older detector names of the MSMA detectors."""
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def resolve_method(name: str) -> Recipe:
+    """The recipe of a method name (or an alias); ValueError naming the choices."""
+    recipe = METHODS.get(ALIASES.get(name, name))
+    if recipe is None:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return recipe
+
+
+def build_detector(method: str, model, kind: str, config: MethodConfig | None = None, device="cpu", cache=None,
+                   progress: bool = False) -> ImageDetector:
+    """An unfitted :class:`ImageDetector` of ``method`` on ``model`` (of kind ``score`` or ``flow``)."""
+    recipe = resolve_method(method)
+    if kind not in recipe.models:
+        need = " or ".join(recipe.models)
+        raise ValueError(f"method {recipe.name} needs a {need} model, not a {kind} model; train one with "
+                         f"`dgmood train --model {recipe.models[0]}` or pick another --method")
+    statistics, estimator, log_scale = recipe.build(kind, config or MethodConfig())
+    return ImageDetector(model, statistics, estimator, recipe.name, log_scale, device, cache, progress)

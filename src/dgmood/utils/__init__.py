@@ -1,0 +1,1 @@
+"""Bottom layer: atomic files and checksums, errors, torchrun helpers (no dgmood imports)."""
