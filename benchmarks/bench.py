@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
 from dgmood.data import datasets as datasets  # noqa: E402
-from dgmood.methods.combined import FEATURES, CombinedConfig, CombinedFeatures, fitted_detector, knn_distance  # noqa: E402
+from dgmood.methods.combined import FEATURES  # noqa: E402
+from dgmood.statistics.knn import knn_distance  # noqa: E402
 from dgmood.detectors.estimators import CombinedDetector  # noqa: E402
 from dgmood.statistics.score_norms import FeatureCache, score_norms  # noqa: E402
 from dgmood.models.losses import dsm_loss  # noqa: E402
@@ -108,12 +109,13 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
 
     Variants: without the k-NN term; with ``ablate`` also without each statistic, and with the k-NN distance
     as one more mixture column instead of an added term."""
-    config = CombinedConfig()
-    feats = CombinedFeatures(run, config)
-    matrices = {name: feats.matrix(name, fn) for name, fn in {in_spec: None, **sets}.items()}
-    train = feats.matrix(feats.fit_spec)
-    columns = _columns(feats, config, train.shape[1])
-    variants = {"combined": (fitted_detector(feats), list(range(len(columns))))}
+    image_det = run.image_detector("combined")
+    config = run.method_config()
+    loaders = {in_spec: lambda: run.images(in_spec), **sets}
+    matrices = {name: image_det.transform(fn, name) for name, fn in loaders.items()}
+    train = image_det.transform(lambda: run.images(run.fit_spec()), run.fit_spec(), training=True)
+    columns = _columns(image_det, train.shape[1])
+    variants = {"combined": (image_det.estimator, list(range(len(columns))))}
 
     def variant(drop: str, **params):
         keep = [i for i, name in enumerate(columns) if name != drop]
@@ -124,24 +126,30 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
     if ablate:
         variants |= {f"combined without {f}": variant(f) for f in FEATURES if f != "knn"}
         variants["combined, knn inside the mixture"] = variant("", distance_columns=0)
-    stat_s = sum(feats.seconds.values())
+    seconds = dict(run.cache.seconds)
+    stat_s = sum(seconds.values())
     scores, ms = {}, {}
     for label, (d, keep) in variants.items():
         scores[label] = {k: d.score_samples(m[:, keep]) for k, m in matrices.items()}
         n_in = len(matrices[in_spec])
         ms[label] = 1000 * (stat_s + _timed(lambda: d.score_samples(matrices[in_spec][:, keep]))[1] / n_in)
     det = variants["combined"][0]
-    info = {"seconds_per_image": feats.seconds, "components": det.n_components_, "fit": feats.fit_spec,
-            "sigma0": feats.sigma0()}
+    flipd = [s for s in image_det.statistics if s.name == "flipd"]
+    info = {"seconds_per_image": seconds, "components": det.n_components_, "fit": run.fit_spec(),
+            "sigma0": flipd[0].sigma0_ if flipd else float("nan")}
     return scores, ms, info
 
 
-def _columns(feats: CombinedFeatures, config: CombinedConfig, n_columns: int) -> list[str]:
-    """The statistic each column of the combined matrix belongs to."""
-    widths = [len(feats.run.config.features.sigmas()) if f == "msma" else
-              len(config.reconstruction_sigmas) if f == "reconstruction" else 1 for f in config.features]
+_FEATURE_OF = {"score_norms": "msma", "complexity": "complexity", "flipd": "flipd", "reconstruction": "reconstruction",
+               "knn": "knn"}
+
+
+def _columns(image_det, n_columns: int) -> list[str]:
+    """The combined feature (msma, complexity, ...) each column of the combined matrix belongs to."""
+    names = [_FEATURE_OF[s.name] for s in image_det.statistics]
+    widths = [len(s.columns(0)) if s.name in ("score_norms", "reconstruction") else 1 for s in image_det.statistics]
     assert sum(widths) == n_columns
-    return [f for f, w in zip(config.features, widths) for _ in range(w)]
+    return [f for f, w in zip(names, widths) for _ in range(w)]
 
 
 def raw_rows(run: Run, in_spec: str, sets: dict, svdd_n: int) -> tuple[dict, dict, dict]:

@@ -20,7 +20,8 @@ def invoke(*args):
 def run_dir(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("run") / "tiny"
     result = invoke("run", "--run", run, "--data-dir", data_dir, *TINY, "--in", "fashion-mnist:test[:200]",
-                    "--ood", "mnist:test[:200]", "--ood", "uniform[:100]", "--detectors", "gmm,knn")
+                    "--ood", "mnist:test[:200]", "--ood", "uniform[:100]", "--method", "msma",
+                    "--detectors", "gmm,knn")
     assert result.exit_code == 0, result.output
     return run
 
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory, data_dir):
 def test_run_writes_every_output(run_dir):
     for name in ["config.json", "checkpoint/weights.safetensors", "checkpoint/checkpoint.json", "metrics.json",
                  "metrics.csv", "report.md", "plots/roc.png", "plots/histograms.png", "plots/embedding.png",
-                 "detectors/gmm/detector.json", "detectors/knn/arrays.safetensors"]:
+                 "detectors/msma-gmm/detector.json", "detectors/msma-knn/estimator/arrays.safetensors"]:
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == {"gmm", "knn"}
@@ -59,7 +60,7 @@ def test_fit_and_features_commands(run_dir, data_dir):
     assert result.exit_code == 0 and "20 × 10" in result.output, result.output
     result = invoke("fit", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
                     "--detectors", "knn")
-    assert result.exit_code == 0 and "knn: fitted" in result.output, result.output
+    assert result.exit_code == 0 and "msma-knn: fitted" in result.output, result.output
 
 
 def test_dry_run_prints_resolved_config(tmp_path, data_dir):
@@ -119,11 +120,11 @@ def test_other_sigma_grid_without_retraining(run_dir, data_dir):
     weights = (run_dir / "checkpoint" / "weights.safetensors").read_bytes()
     result = invoke("evaluate", "--run", run_dir, "--data-dir", data_dir, "--threads", "1", "--quiet",
                     "--in", "fashion-mnist:test[:200]", "--ood", "uniform[:100]", "--n-sigmas", "4",
-                    "--sigma-max", "2")
+                    "--sigma-max", "2", "--method", "msma")
     assert result.exit_code == 0, result.output
     config = json.loads((run_dir / "config.json").read_text())["features"]
     assert (config["n_sigmas"], config["sigma_max"]) == (4, 2.0)
     for name in json.loads((run_dir / "config.json").read_text())["detectors"]:
-        saved = json.loads((run_dir / "detectors" / name / "detector.json").read_text())
-        assert saved["fitted"]["n_features_in_"] == 4 and len(saved["meta"]["sigmas"]) == 4
+        saved = json.loads((run_dir / "detectors" / f"msma-{name}" / "detector.json").read_text())
+        assert len(saved["columns"]) == 4 and len(saved["statistics"][0]["params"]["sigmas"]) == 4
     assert (run_dir / "checkpoint" / "weights.safetensors").read_bytes() == weights

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from conftest import make_tiny_run, write_pooled_sets
 
 from dgmood.app import cli as cli
-from dgmood.methods.combined import FEATURES, CombinedConfig, evaluate_combined, knn_distance, to_columns
+from dgmood.methods.combined import FEATURES, CombinedConfig, evaluate_combined, to_columns
+from dgmood.statistics.knn import knn_distance
 from dgmood.models.flow import FlowConfig
 from dgmood.evaluation.metrics import METRIC_NAMES
 from dgmood.models.network import NetConfig
@@ -79,9 +80,12 @@ def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
     assert result.exit_code == 0, result.output
     out = score_run.directory / "combined"
     for name in ["metrics.json", "metrics.csv", "report.md", "evaluation.json", "plots/roc.png",
-                 "plots/scores.png", "detector/detector.json"]:
+                 "plots/scores.png"]:
         assert (out / name).is_file(), name
-    metrics = json.loads((out / "metrics.json").read_text())["combined"]
+    assert (score_run.directory / "detectors" / "combined" / "detector.json").is_file()
+    every = json.loads((out / "metrics.json").read_text())
+    assert list(every) == ["combined", "msma-knn", "pixel-knn"]  # the default baselines beside it
+    metrics = every["combined"]
     assert set(metrics) == set(sets["ood"])
     for values in metrics.values():
         assert set(METRIC_NAMES) <= set(values)
@@ -93,10 +97,10 @@ def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
 
 
 def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, sets, monkeypatch):
-    import dgmood.methods.combined as combined
     import dgmood.detectors.estimators as detectors
-    import dgmood.statistics.score_norms as features
+    import dgmood.statistics.knn as knn
     import dgmood.statistics.lens as lens
+    import dgmood.statistics.score_norms as features
 
     config = CombinedConfig(features=("msma", "flipd", "knn"))
     first = evaluate_combined(score_run, config, list(sets["ood"]))
@@ -104,7 +108,7 @@ def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, se
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    for module, name in [(lens, "compute_statistic"), (features, "score_norms"), (combined, "knn_distance")]:
+    for module, name in [(lens, "compute_statistic"), (features, "score_norms"), (knn, "knn_distance")]:
         monkeypatch.setattr(module, name, fail)
     second = evaluate_combined(score_run, config, list(sets["ood"]))
     np.testing.assert_array_equal(first.scores["combined"]["in"], second.scores["combined"]["in"])

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from dgmood.detectors.estimators import CombinedDetector, FlowDetector, GMMDetector, KNNDetector
+from dgmood.detectors.threshold import ThresholdDetector
 
 DIM = 10
 N_TRAIN = 3000
@@ -20,6 +21,8 @@ CHECKED = [
     FlowDetector(hidden_features=(16, 16), transforms=2, max_epochs=3, batch_size=32),
     CombinedDetector(distance_columns=0, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=1, component_grid=(1, 2, 3), cv=3),
+    ThresholdDetector(),
+    ThresholdDetector(sign=1, acceptance=0.5),
 ]
 
 

@@ -140,8 +140,9 @@ def test_mismatched_lens_is_a_clean_error(flow_run, data_dir, sets, args, messag
     assert "Traceback" not in result.output
 
 
-def test_msma_on_a_flow_run_is_a_clean_error(flow_run, data_dir):
-    result = invoke("evaluate", "--run", flow_run.directory, "--data-dir", data_dir, "--quiet")
+@pytest.mark.parametrize("method", ["msma", "combined", "msma-knn"])
+def test_score_model_methods_on_a_flow_run_are_clean_errors(flow_run, data_dir, method):
+    result = invoke("evaluate", "--run", flow_run.directory, "--data-dir", data_dir, "--method", method, "--quiet")
     assert result.exit_code == 1 and "--method dual-threshold" in result.output
 
 

@@ -33,7 +33,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERE
 def run_dir(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("serve") / "tiny"
     args = ["run", "--run", run, "--steps", 4, "--batch-size", 16, "--channels", "8,16", "--fit-n", 200,
-            "--in", IN_SPEC, "--ood", "uniform[:50]", "--detectors", "knn", "--threads", 1, "--quiet",
+            "--in", IN_SPEC, "--ood", "uniform[:50]", "--threads", 1, "--quiet",
             "--data-dir", data_dir]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -67,6 +67,7 @@ def uploads(tmp_path_factory, data_dir):
         "good.png": png(x[0]), "good.npy": npy(x[0].astype(np.float32) / 255),
         "big.png": png(np.zeros((32, 32), np.uint8)),
         "rgb.png": png(np.zeros((28, 28, 3), np.uint8)), "nan.npy": npy(nan), "two.npy": npy(x),
+        "many.npy": npy(np.zeros((1025, 8, 8), np.uint8)),  # under --max-bytes
         "text.txt": b"hello, not an image", "trunc.png": png(x[0])[:60], "bad.npy": b"\x93NUMPY\x01\x00garbage",
     }
     for name, blob in files.items():
@@ -84,15 +85,15 @@ def test_import_dgmood_stays_light():
 
 def test_load_scores_equal_the_runs_own_detector(run_dir, bundle, data_dir):
     run = Run(run_dir, data_dir=data_dir, progress=False)
-    det = run.detectors()["knn"]
-    assert (bundle.detector_name, bundle.threshold, bundle.model_sha256) == ("knn", det.offset_, run.model_sha)
-    assert bundle.image_shape == (1, 28, 28) and np.allclose(bundle.sigmas, run.config.features.sigmas())
+    det = run.image_detector()  # the run's default method, as fitted by `dgmood run`
+    assert (bundle.method, bundle.threshold, bundle.model_sha256) == ("combined", det.threshold, run.model_sha)
+    assert bundle.image_shape == (1, 28, 28)
     for spec in [IN_SPEC, "uniform[:50]"]:
-        images, features = run.images(spec), run.features(spec).values  # features cached by `dgmood run`
+        images = run.images(spec)
         scores = bundle.score(images)
         assert scores.shape == (len(images),) and scores.dtype == np.float64
-        np.testing.assert_allclose(scores, det.score_samples(features), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(bundle.predict(images), det.predict(features))
+        np.testing.assert_allclose(scores, det.score_samples(lambda: images, spec), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(bundle.predict(images), np.where(scores >= det.threshold, 1, -1))
     # the same images as uint8 (N, H, W), uint8 (N, H, W, 1) and float (N, 1, H, W) score the same
     raw = datasets.read_idx(datasets.dataset_file("fashion-mnist", "test", data_dir=data_dir))[:20]
     ref = bundle.score(run.images("fashion-mnist:test[:20]"))
@@ -119,24 +120,25 @@ def test_load_rejects_bad_images_with_the_data_modules_messages(bundle, images, 
 
 
 def test_load_bad_bundles(run_dir, bundle, tmp_path):
-    with pytest.raises(ValueError, match="no fitted detector 'gmm'.*fitted: knn"):
-        dgmood.load(run_dir, detector="gmm")
+    with pytest.raises(CheckpointError, match="no fitted msma-gmm detector.*fitted: combined, msma-knn, pixel-knn"):
+        dgmood.load(run_dir, "gmm")
+    with pytest.raises(ValueError, match="unknown method 'lpips'"):
+        dgmood.load(run_dir, "lpips")
     with pytest.raises(CheckpointError, match="not a dgmood run"):
         dgmood.load(tmp_path / "nothing")
-    # the four entries a bundle needs, copied elsewhere, are a complete bundle
-    copy = tmp_path / "bundle"
-    (copy / "checkpoint").mkdir(parents=True)
-    shutil.copy(run_dir / "config.json", copy)
-    for name in ["checkpoint.json", "weights.safetensors"]:
-        shutil.copy(run_dir / "checkpoint" / name, copy / "checkpoint")
-    shutil.copytree(run_dir / "detectors" / "knn", copy / "detectors" / "knn")
+    # the saved detector folder, copied anywhere, is complete on its own
+    copy = tmp_path / "shipped"
+    shutil.copytree(run_dir / "detectors" / "combined", copy)
     images = np.random.default_rng(0).random((3, 28, 28))
     np.testing.assert_array_equal(dgmood.load(copy).score(images), bundle.score(images))
-    # a detector fitted for other weights is refused
-    info = json.loads((copy / "detectors" / "knn" / "detector.json").read_text())
-    info["meta"]["model_sha256"] = "0" * 64
-    (copy / "detectors" / "knn" / "detector.json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match="other weights"):
+    # damaged or swapped files are refused with one line saying what to do
+    (copy / "statistics.safetensors").rename(copy / "moved")
+    with pytest.raises(CheckpointError, match="statistics.safetensors is missing"):
+        dgmood.load(copy)
+    (copy / "moved").rename(copy / "statistics.safetensors")
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
         dgmood.load(copy)
 
 
@@ -191,7 +193,7 @@ def test_health_and_score_a_png(server, bundle, uploads):
     assert answer["score"] == pytest.approx(float(bundle.score(image)[0]), rel=1e-9, abs=1e-9)
     assert answer["in_distribution"] == (answer["score"] >= answer["threshold"])
     assert (answer["threshold"], answer["detector"], answer["model_sha256"]) == (
-        bundle.threshold, "knn", bundle.model_sha256)
+        bundle.threshold, "combined", bundle.model_sha256)
     # the same image as .npy and as a multipart form field
     status, npy_answer, _ = request(url, "POST", "/score", (uploads / "good.npy").read_bytes())
     assert status == 200 and npy_answer["score"] == pytest.approx(answer["score"], rel=1e-9)
@@ -204,6 +206,22 @@ def test_health_and_score_a_png(server, bundle, uploads):
     assert status == 200 and form_answer["score"] == answer["score"]
 
 
+def test_score_a_batch_as_npy_and_as_several_files(server, bundle, uploads):
+    url, _ = server
+    two = np.load(uploads / "two.npy")
+    status, answer, _ = request(url, "POST", "/score", (uploads / "two.npy").read_bytes())
+    assert status == 200 and answer["n"] == 2 and set(answer) == {
+        "scores", "in_distribution", "n", "threshold", "detector", "model_sha256"}
+    np.testing.assert_allclose(answer["scores"], bundle.score(two), rtol=1e-9)
+    assert answer["in_distribution"] == [s >= answer["threshold"] for s in answer["scores"]]
+    boundary = "dgmoodbatch"
+    part = lambda name: (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"  # noqa: E731
+                         f"Content-Type: image/png\r\n\r\n").encode() + (uploads / name).read_bytes() + b"\r\n"
+    form = part("good.png") + part("good.png") + f"--{boundary}--\r\n".encode()
+    status, answer, _ = request(url, "POST", "/score", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and answer["n"] == 2 and answer["scores"][0] == answer["scores"][1]
+
+
 @pytest.mark.parametrize("method, path, upload, headers, status, message", [
     ("POST", "/score", "text.txt", {}, 400, "not a PNG or JPEG"),
     ("POST", "/score", "trunc.png", {}, 400, "truncated or corrupt"),
@@ -212,7 +230,7 @@ def test_health_and_score_a_png(server, bundle, uploads):
     ("POST", "/score", "big.png", {}, 422, "model expects 28x28x1"),
     ("POST", "/score", "rgb.png", {}, 422, "images are 28x28x3 but the model expects 28x28x1"),
     ("POST", "/score", "nan.npy", {}, 422, "NaN or inf"),
-    ("POST", "/score", "two.npy", {}, 422, "holds 2 images"),
+    ("POST", "/score", "many.npy", {}, 422, "send at most 1024 per request"),
     ("POST", "/score", b"x" * 300_000, {}, 413, "the limit is 200000"),
     ("POST", "/score", b"x" * 10, {"Content-Length": "999999999"}, 413, "999999999 bytes"),
     ("POST", "/score", b"", {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "no file field"),

@@ -266,17 +266,42 @@ def features_cmd(run_dir, device, data_dir, threads, quiet, specs, **grid):
 
 @main.command("fit")
 @_common
-@click.option("--detectors", default="knn,gmm,flow", help="Detectors to fit, comma-separated (gmm, flow, knn).")
+@click.option("--method", "methods", default=None, show_default=False,
+              help="Method(s) to fit, comma-separated (combined, msma-knn, msma-gmm, msma-flow, pixel-knn, "
+                   "dual-threshold) [default: the run's, combined for a score model].")
+@click.option("--detectors", default=None, show_default=False,
+              help="MSMA detectors to fit, comma-separated (gmm, flow, knn): the same as --method msma-NAME,...")
+@click.option("--default", "make_default", is_flag=True,
+              help="Make the (first) fitted method the run's default for predict, serve and dgmood.load.")
 @_sigma_options
 @_clean_errors
-def fit_cmd(run_dir, device, data_dir, threads, quiet, detectors, **grid):
-    """Fit detectors on the training set's features (no OOD data is used)."""
+def fit_cmd(run_dir, device, data_dir, threads, quiet, methods, detectors, make_default, **grid):
+    """Fit detectors on training images only (no OOD data is used) and save each as RUN/detectors/METHOD/."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
     _apply_grid(run, **grid)
-    names = _detector_names(detectors)
-    run.save_config(replace(run.config, detectors=names))
-    for name, det in run.fit_detectors().items():
-        click.echo(f"{name}: fitted; threshold (offset_) {det.offset_:.4g}")
+    names = []
+    if detectors is not None:
+        msma = _detector_names(detectors)
+        run.save_config(replace(run.config, detectors=msma))
+        names += [f"msma-{n}" for n in msma]
+    if methods is not None or not names:
+        names += _method_names(methods or run.config.method)
+    if make_default:
+        run.save_config(replace(run.config, method=names[0]))
+    for name in names:
+        det = run.image_detector(name, refit=True)
+        click.echo(f"{name}: fitted on {det.info.get('n_fit')} training images; threshold {det.threshold:.4g}; "
+                   f"saved in {run.detector_dir(name)}")
+
+
+def _method_names(text: str) -> list[str]:
+    from dgmood.methods.recipes import resolve_method
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    try:
+        return [resolve_method(n).name for n in names]
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--method") from None
 
 
 def _detector_names(text: str) -> tuple[str, ...]:
@@ -289,15 +314,23 @@ def _detector_names(text: str) -> tuple[str, ...]:
     return names
 
 
+EVALUATE_METHODS = ["combined", "msma", "msma-knn", "msma-gmm", "msma-flow", "pixel-knn", "dual-threshold"]
+DEFAULT_BASELINES = "msma-knn,pixel-knn"
+
+
 @main.command("evaluate")
 @_common
-@click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
-              help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable).")
+@click.option("--ood", "ood_specs", multiple=True, default=None, show_default=False,
+              help="OOD set(s): a name, a slice, uniform/gaussian/constant, or a file/folder (repeatable) "
+                   "[default: mnist:test, uniform, gaussian for a named training set, else uniform, gaussian, constant].")
 @click.option("--in", "in_spec", default="", show_default=False, help="In-distribution test set [default: the run's].")
-@click.option("--method", type=click.Choice(["msma", "dual-threshold", "combined"]), default="msma",
-              help="msma: detectors on multiscale score norms (score runs). dual-threshold: likelihood + LID "
-                   "(METHODS §3), through --lens. combined: one mixture on score norms, complexity, FLIPD LID, "
-                   "reconstruction and raw-pixel k-NN distance (score runs; --features).")
+@click.option("--method", type=click.Choice(EVALUATE_METHODS), default=None, show_default=False,
+              help="combined (the default for score models): one mixture on score norms, complexity, FLIPD LID, "
+                   "reconstruction and raw-pixel k-NN distance (--features). msma: the three MSMA detectors on "
+                   "multiscale score norms. msma-knn / msma-gmm / msma-flow / pixel-knn: one detector. "
+                   "dual-threshold (the default for flow models): likelihood + LID (METHODS §3), through --lens.")
+@click.option("--baselines", default=DEFAULT_BASELINES,
+              help="Methods scored beside --method (combined, msma-*, pixel-knn), comma-separated; 'none' for none.")
 @click.option("--features", "combined_features", default=",".join(COMBINED_FEATURES),
               help="combined: statistics to use, comma-separated.")
 @click.option("--lens", type=click.Choice(["flow", "diffusion"]), default=None, show_default=False,
@@ -313,20 +346,42 @@ def _detector_names(text: str) -> tuple[str, ...]:
                    "baseline log p(x) − log p_background(x).")
 @_sigma_options
 @_clean_errors
-def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec, method, combined_features, lens, lid,
-                 dual_fit_n, solver, background, **grid):
+def evaluate_cmd(run_dir, device, data_dir, threads, quiet, ood_specs, in_spec, method, baselines, combined_features,
+                 lens, lid, dual_fit_n, solver, background, **grid):
     """Score the in-distribution test set and OOD sets; write metrics, plots and report."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
+    ood_specs = list(ood_specs or _default_ood(run))
+    method = method or ("dual-threshold" if run.config.model == "flow" else "combined")
     if method == "dual-threshold":
-        _evaluate_dual(run, list(ood_specs), in_spec, lens, lid, dual_fit_n, solver, background)
-        return
-    if method == "combined":
-        _evaluate_combined(run, list(ood_specs), in_spec, combined_features)
+        _evaluate_dual(run, ood_specs, in_spec, lens, lid, dual_fit_n, solver, background)
         return
     if run.config.model != "score":
-        raise click.ClickException(f"{run.directory} holds a flow: evaluate it with --method dual-threshold")
+        raise click.ClickException(f"{run.directory} holds a flow: the {method} method needs a score model; "
+                                   "evaluate it with --method dual-threshold")
     _apply_grid(run, **grid)
-    _evaluate_and_report(run, list(ood_specs), in_spec)
+    if method == "msma":
+        _evaluate_and_report(run, ood_specs, in_spec)
+        return
+    _evaluate_methods(run, method, _baseline_names(baselines, method), ood_specs, in_spec, combined_features)
+
+
+def _default_ood(run) -> tuple[str, ...]:
+    """MNIST and noise beside a named training set; only the synthetic sets (made at the model's size) beside a
+    custom one, whose images MNIST would not fit."""
+    from dgmood.data.datasets import parse_spec
+
+    return DEFAULT_OOD if parse_spec(run.config.data).kind == "named" else ("uniform", "gaussian", "constant")
+
+
+def _baseline_names(text: str, method: str) -> list[str]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    names = [n for n in _method_names(text) if n != method]
+    bad = [n for n in names if n == "dual-threshold"]
+    if bad:
+        raise click.BadParameter("dual-threshold is evaluated on its own (--method dual-threshold)",
+                                 param_hint="--baselines")
+    return names
 
 
 def _evaluate_dual(run, ood_specs, in_spec, lens, lid, fit_n, solver, background=None):
@@ -344,21 +399,34 @@ def _evaluate_dual(run, ood_specs, in_spec, lens, lid, fit_n, solver, background
     click.echo(f"\nreport: {evaluation.directory / 'report.md'}")
 
 
-def _evaluate_combined(run, ood_specs, in_spec, features):
-    from dgmood.methods.combined import CombinedConfig, evaluate_combined, write_combined_outputs
+def _evaluate_methods(run, method, baselines, ood_specs, in_spec, features):
+    """The one evaluation of the image-detector methods: fit (or load) each, score, write RUN/METHOD/."""
+    from dgmood.evaluation.evaluate import write_evaluation
+    from dgmood.methods.combined import evaluate_combined, write_combined_outputs
+    from dgmood.utils.files import write_json
 
-    if run.config.model != "score":
-        raise click.ClickException(f"{run.directory} holds a flow: the combined detector needs a score model")
     names = tuple(n.strip() for n in features.split(",") if n.strip())
     try:
-        config = CombinedConfig(features=names)
+        config = run.method_config(features=names)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--features") from None
     start = time.perf_counter()
-    evaluation = evaluate_combined(run, config, ood_specs, in_spec)
     in_spec = in_spec or run.config.in_test
-    click.echo(write_combined_outputs(run, config, evaluation, in_spec, time.perf_counter() - start))
-    click.echo(f"\nreport: {evaluation.directory / 'report.md'}")
+    if method == "combined":
+        ev = evaluate_combined(run, config, ood_specs, in_spec, baselines=tuple(baselines))
+        table, directory = write_combined_outputs(run, config, ev, in_spec, time.perf_counter() - start), ev.directory
+    else:
+        ev, detectors = run.evaluate_methods([method, *baselines], ood_specs, in_spec)
+        directory = run.directory / method
+        context = {"training set": run.config.data, "in-distribution test set": in_spec,
+                   "model sha256": run.model_sha[:16], "threshold": f"{detectors[method].threshold:.4g}",
+                   "saved detector": str(run.detector_dir(method)),
+                   "evaluation time": f"{time.perf_counter() - start:.1f} s"}
+        table = write_evaluation(directory, ev, context, f"dgmood {method} report", method)
+    write_json(run.directory / "last_evaluation.json", {"method": method, "baselines": baselines, "in": in_spec,
+                                                        "ood": list(ood_specs), "features": list(names)})
+    click.echo(table)
+    click.echo(f"\nreport: {directory / 'report.md'}")
 
 
 def _evaluate_and_report(run, ood_specs, in_spec=""):
@@ -375,47 +443,104 @@ def _evaluate_and_report(run, ood_specs, in_spec=""):
 def report_cmd(run_dir, device, data_dir, threads, quiet):
     """Rewrite metrics, plots and report from cached features (no network pass)."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
-    path = run.directory / "evaluation.json"
-    if not path.is_file():
+    path, msma = run.directory / "last_evaluation.json", run.directory / "evaluation.json"
+    if path.is_file():
+        last = json.loads(path.read_text())
+        _evaluate_methods(run, last["method"], last["baselines"], last["ood"], last["in"],
+                          ",".join(last.get("features") or COMBINED_FEATURES))
+    elif msma.is_file():
+        last = json.loads(msma.read_text())
+        _evaluate_and_report(run, last["ood"], last["in"])
+    else:
         raise click.ClickException(f"nothing evaluated in {run.directory} yet; run `dgmood evaluate` first")
-    last = json.loads(path.read_text())
-    _evaluate_and_report(run, last["ood"], last["in"])
 
 
 @main.command("run")
 @_common
 @_train_options
 @_sigma_options
-@click.option("--ood", "ood_specs", multiple=True, default=DEFAULT_OOD,
-              help="OOD set(s) to evaluate against (repeatable).")
-@click.option("--detectors", default="knn,gmm,flow", help="Detectors to fit, comma-separated.")
+@click.option("--ood", "ood_specs", multiple=True, default=None, show_default=False,
+              help="OOD set(s) to evaluate against (repeatable) [default: as `dgmood evaluate`].")
+@click.option("--method", type=click.Choice(["combined", "msma", "msma-knn", "msma-gmm", "msma-flow", "pixel-knn"]),
+              default="combined", help="Detection method of a score model (a flow gets the dual threshold).")
+@click.option("--baselines", default=DEFAULT_BASELINES, help="Methods scored beside it; 'none' for none.")
+@click.option("--detectors", default="knn,gmm,flow", help="MSMA detectors of --method msma, comma-separated.")
 @_clean_errors
-def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, detectors, **options):
-    """Train, featurise, fit and evaluate in one go (each stage resumes from what is cached). A flow
-    (--model flow) is evaluated by the dual threshold with its defaults."""
+def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, method, baselines, detectors, **options):
+    """Train, fit and evaluate in one go (each stage resumes from what is cached). A score model gets the
+    combined detector with the MSMA k-NN and the raw-pixel 5-NN beside it; a flow (--model flow) the dual
+    threshold."""
     run = _open_run(run_dir, device, data_dir, threads, quiet)
-    config = replace(_config_from_options(run, **options), detectors=_detector_names(detectors))
+    config = replace(_config_from_options(run, **options), detectors=_detector_names(detectors),
+                     method="dual-threshold" if options["model"] == "flow" else
+                     ("msma-knn" if method == "msma" else method))
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
     run.create(config)
     run.train()
+    ood_specs = list(ood_specs or _default_ood(run))
     if config.model == "flow":
         from dgmood.methods.dual_threshold import DualConfig
         from dgmood.statistics.lens import LensConfig
 
-        _evaluate_dual(run, list(ood_specs), options["in_spec"], "flow", "jacobian", DualConfig.fit_n,
-                       LensConfig.solver)
+        _evaluate_dual(run, ood_specs, options["in_spec"], "flow", "jacobian", DualConfig.fit_n, LensConfig.solver)
+    elif method == "msma":
+        _evaluate_and_report(run, ood_specs, options["in_spec"])
     else:
-        _evaluate_and_report(run, list(ood_specs), options["in_spec"])
+        _evaluate_methods(run, method, _baseline_names(baselines, method), ood_specs, options["in_spec"],
+                          ",".join(COMBINED_FEATURES))
+
+
+# ---------------------------------------------------------------- new images
+@main.command("predict")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Fitted run directory, or a saved detector folder (RUN/detectors/METHOD).")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("verdicts.csv"),
+              help="CSV of verdicts, one row per image (written whole, or not at all).")
+@click.option("--method", default=None, show_default=False,
+              help="Fitted method to use (combined, msma-knn, pixel-knn, ...) [default: the run's].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with the IDX files of named sets [default: $DGMOOD_DATA, else ~/.cache/dgmood/data].")
+@click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=click.IntRange(1, 256), default=os.cpu_count() or 1, help="CPU threads for torch.")
+@click.option("--quiet", is_flag=True, help="Hide progress bars.")
+@_clean_errors
+def predict_cmd(run_dir, images, out, method, data_dir, device, threads, quiet):
+    """Which of IMAGES are out of distribution: score them with a fitted detector and write a CSV of verdicts.
+
+    IMAGES are dataset specs: folders of PNG/JPEG files, .npy/.npz arrays, IDX files, named sets, slices
+    (e.g. `scans/`, `x.npz:test`, `mnist:test[:100]`). Every set is read and checked before anything is
+    scored; the CSV has one row per image: source (file, or SPEC#INDEX), set, index, score, verdict (+1
+    in-distribution / -1 OOD), threshold and each statistic's raw values.
+    """
+    from dgmood.app.loading import load
+    from dgmood.app.predict import predict, write_verdicts
+
+    _threads(threads)
+    if (run_dir / "config.json").is_file():  # a run: its detector, fitted first when missing or stale
+        run = _open_run(run_dir, device, data_dir, threads, quiet)
+        if not (run.detector_dir(method or run.config.method) / "detector.json").is_file():
+            click.echo(f"fitting {method or run.config.method} on {run.config.data} first (saved for next time)",
+                       err=True)
+        detector = run.image_detector(method)
+    else:
+        detector = load(run_dir, method, device)
+    detector.progress = not quiet
+    rows = predict(detector, list(images), data_dir)
+    write_verdicts(out, rows, detector)
+    flagged = sum(r["verdict"] == -1 for r in rows)
+    click.echo(f"{flagged} of {len(rows)} images flagged out-of-distribution ({100 * flagged / len(rows):.1f} %) "
+               f"by {detector.method} (threshold {detector.threshold:.4g}); verdicts in {out}")
 
 
 # ---------------------------------------------------------------- online scoring
 @main.command("serve")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Fitted run directory (or a copy of its config.json, checkpoint/ and detectors/NAME/).")
-@click.option("--detector", default=None, show_default=False,
-              help="Fitted detector to serve [default: the first in the run's config].")
+              help="Fitted run directory, or a saved detector folder (RUN/detectors/METHOD, copied anywhere).")
+@click.option("--method", "--detector", "detector", default=None, show_default=False,
+              help="Fitted method to serve (combined, msma-knn, ...; older names knn, gmm, flow) [default: the run's].")
 @click.option("--host", default="127.0.0.1", help="Address to listen on (no authentication or TLS: keep loopback).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, help="TCP port; 0 picks a free one (printed).")
 @click.option("--max-bytes", type=click.IntRange(1), default=2_000_000,
@@ -426,12 +551,13 @@ def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, detec
 @click.option("--quiet", is_flag=True, help="No access log on stderr.")
 @_clean_errors
 def serve_cmd(run_dir, detector, host, port, max_bytes, threads, device, quiet):
-    """Serve a fitted detector over HTTP: POST /score (one PNG/JPEG/.npy image) and GET /health.
+    """Serve a fitted detector over HTTP: POST /score (images) and GET /health.
 
-    POST the image as the raw body (curl --data-binary @img.png URL/score) or as the form field
+    POST one image as the raw body (curl --data-binary @img.png URL/score) or as the form field
     `file` (curl -F file=@img.png URL/score); the answer is JSON {"score", "in_distribution",
-    "threshold", "detector", "model_sha256"}. Bad uploads get a 4xx JSON {"error"}. Ctrl-C or
-    SIGTERM stops it after the requests in flight.
+    "threshold", "detector", "model_sha256"}. A batch (an .npy of N images, or several -F file=@...
+    parts) gets {"scores": [...], "in_distribution": [...], "n", ...}. Bad uploads get a 4xx JSON
+    {"error"}. Ctrl-C or SIGTERM stops it after the requests in flight.
     """
     from dgmood.app.serve import serve
 

@@ -22,7 +22,8 @@ from dgmood.models.network import NetConfig
 from dgmood.models.noise import geometric_sigmas
 from dgmood.models.train import TrainConfig, train
 
-__all__ = ["FeatureConfig", "Run", "RunConfig", "default_in_test", "resolve_device"]
+__all__ = ["DEFAULT_HOLDOUT", "FeatureConfig", "HELDOUT", "Run", "RunConfig", "default_in_test", "head_spec",
+           "holdout_indices", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run; saved as ``config.json`` in the run directory. ``net`` is the
-    score network's (MSMA features, diffusion lens) or the image flow's (flow lens) architecture."""
+    score network's (MSMA features, diffusion lens) or the image flow's (flow lens) architecture.
+    ``method`` is the default detection method (:mod:`dgmood.methods.recipes`). ``holdout`` > 0: a seeded
+    fraction of the training images (``holdout_seed``) is held out as the in-distribution test set
+    ``heldout`` (for a custom training set without a named test split)."""
 
     data: str = "fashion-mnist"
     in_test: str = ""
@@ -57,6 +61,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     detectors: tuple[str, ...] = ("knn", "gmm", "flow")
+    method: str = "combined"
+    holdout: float = 0.0
+    holdout_seed: int = 0
 
     @property
     def model(self) -> str:
@@ -71,8 +78,22 @@ class RunConfig:
         return cls(
             data=d["data"], in_test=d.get("in_test", ""), net=config_from_dict(d["net"]),
             train=TrainConfig(**d["train"]), features=FeatureConfig(**d["features"]),
-            detectors=tuple(d["detectors"]),
+            detectors=tuple(d["detectors"]), method=d.get("method", "combined"),
+            holdout=float(d.get("holdout", 0.0)), holdout_seed=int(d.get("holdout_seed", 0)),
         )
+
+
+HELDOUT = "heldout"
+"""The in-distribution test spec of a run whose test images were held out of its training set."""
+
+DEFAULT_HOLDOUT = 0.1
+"""Fraction of a custom training set held out as its in-distribution test set when none is named."""
+
+
+def holdout_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the ``ceil(fraction · n)`` held-out images among ``n`` (a seeded permutation)."""
+    k = min(n - 1, max(1, int(np.ceil(fraction * n))))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
 def default_in_test(train_spec: str) -> str:
@@ -133,13 +154,28 @@ class Run:
                     f"{self.directory} already holds a run on {old.data!r} with another network; "
                     "pick a new --run directory"
                 )
-        config = replace(config, in_test=config.in_test or default_in_test(config.data))
+        in_test = config.in_test or default_in_test(config.data)
+        if not in_test:  # a custom set with no test split: hold a seeded fraction of it out
+            config = replace(config, holdout=config.holdout or DEFAULT_HOLDOUT)
+            in_test = HELDOUT
+        config = replace(config, in_test=in_test)
         self.save_config(config)
         return config
 
     def images(self, spec: str) -> np.ndarray:
-        """Images of ``spec`` (N, C, H, W) checked against the model's image shape."""
-        return datasets.load_images(spec, self.data_dir, shape=tuple(self.config.net.image_shape))
+        """Images of ``spec`` (N, C, H, W) checked against the model's image shape. With a held-out split, the
+        training spec (and its slices) means the training part, ``heldout`` the held-out part."""
+        cfg = self.config
+        shape = tuple(cfg.net.image_shape)
+        if cfg.holdout > 0:
+            base, start, stop = datasets.split_slice(str(spec))
+            if base in (cfg.data, HELDOUT):
+                full = datasets.load_images(cfg.data, self.data_dir, shape=shape)
+                held = np.zeros(len(full), bool)
+                held[holdout_indices(len(full), cfg.holdout, cfg.holdout_seed)] = True
+                part = full[held] if base == HELDOUT else full[~held]
+                return np.ascontiguousarray(part[start:stop])
+        return datasets.load_images(spec, self.data_dir, shape=shape)
 
     def train(self) -> None:
         """Train (or resume) the score model of this run."""
@@ -183,38 +219,97 @@ class Run:
         return cache.get(spec, sigmas, lambda: self.images(spec), self.model, self.device, cfg.batch_size,
                          self.progress)
 
-    def _detector_meta(self) -> dict:
-        sigmas = self.config.features.sigmas()
-        return {"model_sha256": self.model_sha, "sigmas": [float(v) for v in sigmas], "fit_data": self.fit_spec()}
+    # --- image detectors (dgmood.methods) ----------------------------------------------------------------------
+
+    def method_config(self, **overrides):
+        """The recipes' settings for this run: its σ grid and batch size, plus ``overrides``."""
+        from dgmood.methods.recipes import MethodConfig
+
+        cfg = self.config.features
+        return MethodConfig(**dict({"sigmas": tuple(float(s) for s in cfg.sigmas()), "batch_size": cfg.batch_size},
+                                   **overrides))
+
+    @property
+    def cache(self):
+        """The run's cache of statistic values (:class:`~dgmood.statistics.cache.StatisticCache`)."""
+        from dgmood.statistics.cache import StatisticCache
+
+        if getattr(self, "_cache", None) is None or self._cache.model_sha != self.model_sha:
+            self._cache = StatisticCache(self.directory, self.model_sha, self.config.features.batch_size)
+        return self._cache
+
+    def detector_dir(self, method: str) -> Path:
+        from dgmood.methods.recipes import resolve_method
+
+        return self.directory / "detectors" / resolve_method(method).name
+
+    def _fit_key(self, recipe) -> str:
+        return self.fit_spec() if recipe.fit_n is None else head_spec(self.config.data, recipe.fit_n)
+
+    def image_detector(self, method: str | None = None, config=None, refit: bool = False):
+        """The run's fitted detector of ``method`` (default: the run's), loaded from ``detectors/METHOD`` when it
+        was fitted on this model, training data and settings; otherwise fitted on training images and saved."""
+        from dgmood.methods.image_detector import ImageDetector
+        from dgmood.methods.recipes import build_detector, resolve_method
+
+        recipe = resolve_method(method or self.config.method)
+        config = config or self.method_config()
+        folder, key = self.detector_dir(recipe.name), self._fit_key(recipe)
+        expected = {"model_sha256": self.model_sha, "fit_data": key, "train_data": self.config.data,
+                    "holdout": self.config.holdout, "config": config.to_dict()}
+        if not refit and (folder / "detector.json").is_file():
+            try:
+                det = ImageDetector.load(folder, self.device)
+            except CheckpointError:
+                det = None  # damaged: fitted again below
+            if det is not None and {k: det.info.get(k) for k in expected} == json.loads(json.dumps(expected)):
+                det.cache, det.progress = self.cache, self.progress
+                return det
+        det = build_detector(recipe.name, self.model, self.config.model, config, self.device, self.cache,
+                             self.progress)
+        n = len(self.images(key)) if recipe.fit_n is not None else self.config.features.fit_n
+        det.fit(self.images(self.config.data), fit_n=n, key=key)
+        det.info.update(expected)
+        det.save(folder, weights_file=self.directory / "checkpoint" / "weights.safetensors")
+        return det
+
+    def evaluate_methods(self, methods: list[str], ood_specs: list[str], in_spec: str = "",
+                         extra_sets: dict | None = None, config=None):
+        """Fit (or load) each method's detector and score the in-distribution test set and each OOD set.
+
+        Args:
+            methods: Method names; the first is the main one.
+            ood_specs: OOD dataset specs.
+            in_spec: In-distribution test spec (default: the run's).
+            extra_sets: More OOD sets, name → image loader (e.g. transformed test images); the name is the cache key.
+            config: Recipe settings of the first method (default: :meth:`method_config`); the others use the default.
+
+        Returns:
+            (:class:`~dgmood.evaluation.evaluate.Evaluation`, {method: ImageDetector}).
+        """
+        from dgmood.evaluation.evaluate import evaluate_detectors
+
+        in_spec = in_spec or self.config.in_test
+        if not in_spec:
+            raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
+        if not ood_specs and not extra_sets:
+            raise ValueError("no OOD set given; name at least one with --ood SPEC")
+        in_images = self.images(in_spec)  # every named set read and checked before any fitting
+        ood_images = {spec: self.images(spec) for spec in ood_specs}
+        detectors = {m: self.image_detector(m, config if i == 0 else None) for i, m in enumerate(methods)}
+        loaders = {spec: (lambda s=spec: ood_images[s]) for spec in ood_specs} | dict(extra_sets or {})
+        ev = evaluate_detectors(detectors, (in_spec, lambda: in_images), loaders)
+        return ev, detectors
+
+    # --- MSMA detectors on score norms (the --method msma evaluation) -----------------------------------------
 
     def fit_detectors(self) -> dict:
-        """Fit the configured detectors on the training features; saved under ``detectors/``."""
-        from dgmood.detectors.estimators import DETECTORS
-        from dgmood.detectors.persist import save_detector
-
-        train_features = self.features(self.fit_spec()).values
-        fitted = {}
-        for name in self.config.detectors:
-            start = time.perf_counter()
-            det = DETECTORS[name]()
-            if "verbose" in det.get_params():
-                det.set_params(verbose=self.progress)
-            fitted[name] = det.fit(train_features)
-            meta = dict(self._detector_meta(), fit_seconds=time.perf_counter() - start, n_train=len(train_features))
-            save_detector(fitted[name], self.directory / "detectors" / name, meta)
-        return fitted
+        """Fit the configured MSMA detectors (``msma-NAME`` image detectors) on the training features."""
+        return {name: self.image_detector(f"msma-{name}", refit=True).estimator for name in self.config.detectors}
 
     def detectors(self) -> dict:
-        """The fitted detectors, loaded from ``detectors/``; refitted when missing or stale."""
-        from dgmood.detectors.persist import load_detector
-
-        folder, expected = self.directory / "detectors", self._detector_meta()
-        loaded = {n: load_detector(folder / n) for n in self.config.detectors if (folder / n).is_dir()}
-        if len(loaded) < len(self.config.detectors) or any(
-            {k: meta.get(k) for k in expected} != expected for _, meta in loaded.values()
-        ):
-            return self.fit_detectors()
-        return {name: det for name, (det, _) in loaded.items()}
+        """The fitted MSMA detectors' array estimators (name → estimator), fitted when missing or stale."""
+        return {name: self.image_detector(f"msma-{name}").estimator for name in self.config.detectors}
 
     def evaluate(self, ood_specs: list[str], in_spec: str = "") -> tuple[dict, dict, dict]:
         """Score the in-distribution test set and each OOD set with every detector.

@@ -2,24 +2,27 @@
 
 Endpoints:
 
-- ``POST /score``: the body is ONE image, either raw (any Content-Type: a PNG or JPEG file, or a
-  ``.npy`` array of shape (H, W), (H, W, C), (C, H, W) or (1, ...), uint8 or float in [0, 1]) or a
-  ``multipart/form-data`` form whose field ``file`` (or first file part) holds it::
+- ``POST /score``: the body is one image or a batch, either raw (any Content-Type: a PNG or JPEG file, or a
+  ``.npy`` array: one image (H, W), (H, W, C), (C, H, W), or N images (N, H, W), (N, H, W, C), (N, C, H, W);
+  uint8 or float in [0, 1]) or a ``multipart/form-data`` form of one or more files (fields ``file``, or
+  any parts with a filename)::
 
       curl --data-binary @img.png http://127.0.0.1:8765/score
-      curl -F file=@img.png http://127.0.0.1:8765/score
+      curl -F file=@a.png -F file=@b.png http://127.0.0.1:8765/score
+      curl --data-binary @batch.npy http://127.0.0.1:8765/score
 
-  200 → ``{"score": float, "in_distribution": bool, "threshold": float, "detector": str,
-  "model_sha256": str}`` (score higher = more in-distribution; in_distribution is
-  score >= threshold; a non-finite score is sent as null and counts as OOD).
+  200 → one image: ``{"score": float, "in_distribution": bool, "threshold": float, "detector": str,
+  "model_sha256": str}``; a batch of N: ``{"scores": [...], "in_distribution": [...], "n": N, "threshold",
+  "detector", "model_sha256"}`` (score higher = more in-distribution; in_distribution is score >= threshold;
+  a non-finite score is sent as null and counts as OOD). ``detector`` is the method's name.
 - ``GET /health`` → ``{"status": "ok"}``.
 
 Errors are JSON ``{"error": "..."}``: 400 not a PNG/JPEG/.npy, corrupt, truncated or empty body;
 411 no Content-Length (chunked uploads are refused); 413 body over ``--max-bytes`` (refused from
 Content-Length before reading); 422 a readable image the model cannot take (wrong size or
-channels, message naming the expected HxWxC; NaN/inf or out-of-range values; more than one image);
+channels, message naming the expected HxWxC; NaN/inf or out-of-range values; more than ``MAX_BATCH`` images);
 404 unknown path; 405 wrong method (with ``Allow``); 408 body not received in time; 503 more than
-``MAX_CONNECTIONS`` connections open. Network passes run one at a time under the bundle's lock;
+``MAX_CONNECTIONS`` connections open. Network passes run one at a time under the detector's lock;
 decoding and validation run in parallel in one thread per connection. SIGINT/SIGTERM stop
 accepting, let requests in flight finish, then exit with status 0.
 """
@@ -49,6 +52,9 @@ __all__ = ["MAX_CONNECTIONS", "ScoreServer", "UploadError", "decode_upload", "ma
 MAX_CONNECTIONS = 32
 """Connections handled at once; more are answered 503 straight away."""
 
+MAX_BATCH = 1024
+"""Most images in one request."""
+
 READ_TIMEOUT = 15.0
 """Seconds a client may stay silent while sending its request, and at most twice that for the body."""
 
@@ -68,20 +74,20 @@ class UploadError(Exception):
 # ----------------------------------------------------------------------------- decoding
 
 
-def _multipart_file(body: bytes, content_type: str) -> bytes:
-    """The bytes of the ``file`` field (else the first part with a filename) of a multipart form."""
+def _multipart_files(body: bytes, content_type: str) -> list[bytes]:
+    """The bytes of every ``file`` field (else every part with a filename) of a multipart form, in order."""
     try:
         head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
         message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
         parts = list(message.iter_parts()) if message.is_multipart() else []
-        chosen = next((p for p in parts if p.get_param("name", header="content-disposition") == "file"), None)
-        chosen = chosen or next((p for p in parts if p.get_filename()), None)
-        payload = None if chosen is None else chosen.get_payload(decode=True)
+        chosen = [p for p in parts if p.get_param("name", header="content-disposition") == "file"]
+        chosen = chosen or [p for p in parts if p.get_filename()]
+        payloads = [p.get_payload(decode=True) for p in chosen]
     except (ValueError, TypeError, LookupError, UnicodeError, MessageError) as err:
         raise UploadError(400, f"malformed multipart form ({err}); send -F file=@image.png or the raw file") from None
-    if not isinstance(payload, bytes):
+    if not payloads or not all(isinstance(b, bytes) for b in payloads):
         raise UploadError(400, "the multipart form has no file field; send the image as -F file=@image.png")
-    return payload
+    return payloads
 
 
 def _decode_npy(body: bytes) -> np.ndarray:
@@ -136,22 +142,8 @@ def _decode_image(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
             raise UploadError(400, f"the image is truncated or corrupt ({err}); send it again") from None
 
 
-def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """One image from a request body, as an array of one image for :meth:`dgmood.app.bundle.Bundle.score`.
-
-    Args:
-        body: the request body (raw file, or a multipart form when ``content_type`` says so).
-        content_type: the request's Content-Type header ('' when absent).
-        shape: the model's (C, H, W).
-
-    Returns:
-        (1, H, W), (1, H, W, C) or (1, C, H, W) array, uint8 or float; not yet validated for values.
-
-    Raises:
-        UploadError: 400 (not an image, corrupt) or 422 (wrong size, channels, mode or count).
-    """
-    if content_type.lower().startswith("multipart/form-data"):
-        body = _multipart_file(body, content_type)
+def _decode_one(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """One uploaded file as an array of images (N, ...); N > 1 only for an .npy batch."""
     if not body:
         raise UploadError(400, "empty upload; send one PNG/JPEG image or .npy array as the body")
     if not body.startswith(_NPY_MAGIC):
@@ -161,9 +153,33 @@ def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -
         arr = arr[:, None]  # (N, H, W): N grey images
     elif arr.ndim in (2, 3):  # (H, W), (H, W, C) or (C, H, W): one image
         arr = arr[None]
-    if arr.ndim == 4 and arr.shape[0] != 1:
-        raise UploadError(422, f"the .npy upload holds {arr.shape[0]} images; send one image per request")
     return arr
+
+
+def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """The images of a request body, as one array for :meth:`ImageDetector.score_samples`.
+
+    Args:
+        body: the request body (raw file, or a multipart form of one or more files when ``content_type`` says so).
+        content_type: the request's Content-Type header ('' when absent).
+        shape: the model's (C, H, W).
+
+    Returns:
+        (N, H, W), (N, H, W, C) or (N, C, H, W) array, uint8 or float; not yet validated for values.
+
+    Raises:
+        UploadError: 400 (not an image, corrupt) or 422 (wrong size, channels, mode or count).
+    """
+    files = _multipart_files(body, content_type) if content_type.lower().startswith("multipart/form-data") else [body]
+    arrays = [_decode_one(f, shape) for f in files]
+    if len(arrays) > 1 and len({a.shape[1:] for a in arrays} | {a.dtype.kind for a in arrays}) > 2:
+        raise UploadError(422, "the uploaded files differ in size, channels or type; send images of one kind")
+    images = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    if len(images) > MAX_BATCH:
+        raise UploadError(422, f"the upload holds {len(images)} images; send at most {MAX_BATCH} per request")
+    if len(images) == 0:
+        raise UploadError(422, "the upload holds no image; send at least one")
+    return images
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -282,17 +298,20 @@ class ScoreHandler(BaseHTTPRequestHandler):
             pass
 
     def _score(self) -> dict:
-        bundle = self.server.bundle
+        det = self.server.detector
         body = self._read_body(self._content_length())
-        images = decode_upload(body, self.headers.get("Content-Type") or "", bundle.image_shape)
+        images = decode_upload(body, self.headers.get("Content-Type") or "", det.image_shape)
         try:
-            x = bundle.prepare(images, "upload")  # dgmood.data.datasets's rules: dtype, shape, size, NaN/inf, range
+            x = det.prepare(images, "upload")  # dgmood.data's rules: dtype, shape, size, NaN/inf, range
         except DataError as err:
             raise UploadError(422, str(err)) from None
-        score = float(bundle.score(x)[0])  # one network pass at a time (the bundle's lock)
-        finite = math.isfinite(score)
-        return {"score": score if finite else None, "in_distribution": bool(finite and score >= bundle.threshold),
-                "threshold": bundle.threshold, "detector": bundle.detector_name, "model_sha256": bundle.model_sha256}
+        scores = [float(s) for s in det.score_samples(x)]  # one network pass at a time (the detector's lock)
+        ok = [math.isfinite(s) and s >= det.threshold for s in scores]
+        sent = [s if math.isfinite(s) else None for s in scores]
+        common = {"threshold": det.threshold, "detector": det.method, "model_sha256": det.model_sha256}
+        if len(scores) == 1:
+            return {"score": sent[0], "in_distribution": ok[0], **common}
+        return {"scores": sent, "in_distribution": ok, "n": len(scores), **common}
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         body = json.dumps(obj, allow_nan=False).encode()
@@ -318,7 +337,7 @@ class ScoreHandler(BaseHTTPRequestHandler):
 
 
 class ScoreServer(ThreadingHTTPServer):
-    """A threading HTTP server holding a :class:`dgmood.app.bundle.Bundle`.
+    """A threading HTTP server holding a :class:`~dgmood.methods.image_detector.ImageDetector`.
 
     One thread per connection, at most :data:`MAX_CONNECTIONS` at once; ``server_close`` waits for the
     requests in flight (each bounded by :data:`READ_TIMEOUT`).
@@ -327,8 +346,8 @@ class ScoreServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, address, bundle, max_bytes: int = 2_000_000, log: bool = True):
-        self.bundle, self.max_bytes, self.log = bundle, int(max_bytes), log
+    def __init__(self, address, detector, max_bytes: int = 2_000_000, log: bool = True):
+        self.detector, self.max_bytes, self.log = detector, int(max_bytes), log
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, ScoreHandler)
 
@@ -363,23 +382,24 @@ class ScoreServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(bundle, host: str = "127.0.0.1", port: int = 8765, max_bytes: int = 2_000_000,
+def make_server(detector, host: str = "127.0.0.1", port: int = 8765, max_bytes: int = 2_000_000,
                 log: bool = True) -> ScoreServer:
     """A bound (not yet serving) :class:`ScoreServer`; ``port`` 0 picks a free port (``server.server_port``)."""
-    return ScoreServer((host, port), bundle, max_bytes, log)
+    return ScoreServer((host, port), detector, max_bytes, log)
 
 
 def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: int = 8765,
           max_bytes: int = 2_000_000, device: str = "cpu", log: bool = True, echo=None) -> None:
-    """Load the bundle of ``run_dir`` and serve it until SIGINT/SIGTERM (see the module docstring)."""
-    from dgmood.app.bundle import load
+    """Load the saved detector of ``run_dir`` (a run, or a detector folder) and serve it until SIGINT/SIGTERM
+    (see the module docstring). ``detector``: the method's name (default: the run's)."""
+    from dgmood.app.loading import load
 
     echo = echo or (lambda line: print(line, flush=True))
-    bundle = load(run_dir, detector, device)
-    c, h, w = bundle.image_shape
-    bundle.score(np.zeros((1, c, h, w), np.float32))  # warm-up: the first request is not the slow one
+    det = load(run_dir, detector, device)
+    c, h, w = det.image_shape
+    det.score(np.zeros((1, c, h, w), np.float32))  # warm-up: the first request is not the slow one
     try:
-        server = make_server(bundle, host, port, max_bytes, log)
+        server = make_server(det, host, port, max_bytes, log)
     except OSError as err:  # address in use, permission denied, unknown host
         raise OSError(err.errno, f"cannot listen on {host}:{port} ({err.strerror or err}); "
                                  "pick another --port or --host") from err
@@ -398,8 +418,8 @@ def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: i
             echo(f"warning: listening on {server.server_address[0]}, not loopback; the server has no "
                  "authentication or TLS, put it behind a proxy")
         echo(f"dgmood serve: http://{server.server_address[0]}:{server.server_port} "
-             f"(detector {bundle.detector_name}, threshold {bundle.threshold:.4g}, image {h}x{w}x{c}, "
-             f"model {bundle.model_sha256[:12]}); POST /score, GET /health; Ctrl-C to stop")
+             f"(detector {det.method}, threshold {det.threshold:.4g}, image {h}x{w}x{c}, "
+             f"model {det.model_sha256[:12]}); POST /score, GET /health; Ctrl-C to stop")
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()  # waits for requests in flight

@@ -34,13 +34,16 @@ __all__ = [
     "dataset_file",
     "describe",
     "download",
+    "folder_files",
     "head_spec",
+    "image_sources",
     "load_images",
     "load_labels",
     "parse_spec",
     "prepare_images",
     "read_idx",
     "resolve_data_dir",
+    "split_slice",
     "to_nchw",
     "to_unit",
     "write_idx",
@@ -268,7 +271,7 @@ def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
-def _split_slice(spec: str) -> tuple[str, int | None, int | None]:
+def split_slice(spec: str) -> tuple[str, int | None, int | None]:
     """(base, start, stop) of ``base[start:stop]``; a spec naming an existing path is kept whole."""
     m = _SLICE_RE.match(spec)
     if m and not Path(spec).expanduser().exists():
@@ -346,7 +349,7 @@ def parse_spec(spec: str | os.PathLike | Spec) -> Spec:
     text = os.fspath(spec).strip()
     if not text:
         raise DataError(f"empty dataset spec; {_FORMS}")
-    base, start, stop = _split_slice(text)
+    base, start, stop = split_slice(text)
     parsed = _parse_named(base) or _parse_path(base, text)
     return Spec(parsed.kind, parsed.name, parsed.split, parsed.key, start, stop)
 
@@ -523,14 +526,32 @@ def _hwc(arr: np.ndarray) -> str:
     return f"{arr.shape[0]}x{arr.shape[1]}x{arr.shape[2] if arr.ndim == 3 else 1}"
 
 
-def _load_folder(path: Path) -> np.ndarray:
-    """(N, H, W) or (N, H, W, 3) uint8 from the folder's PNG/JPEG files, sorted by name."""
+def folder_files(path: Path) -> list[Path]:
+    """The PNG/JPEG files of an image folder in the order its images are loaded (sorted by name)."""
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise DataError(f"folder {path} does not exist; check the path")
     files = sorted((p for p in path.iterdir() if p.suffix.lower() in _IMAGE_EXTS and not p.name.startswith(".")),
                    key=lambda p: p.name)
     if not files:
         raise DataError(f"folder {path} has no PNG/JPEG images; put .png/.jpg files in it")
+    return files
+
+
+def image_sources(spec: str | os.PathLike | Spec, n_images: int) -> list[str]:
+    """Where each of the ``n_images`` images of ``spec`` came from: the file of a folder's image, else
+    ``SPEC#INDEX`` (the index within the spec's array, after its slice)."""
+    s = parse_spec(spec)
+    if s.kind == "folder":
+        files = folder_files(Path(s.name))
+        start, stop = _bounds(len(files), s)
+        return [str(f) for f in files[start:stop]][:n_images]
+    return [f"{spec}#{i}" for i in range(n_images)]
+
+
+def _load_folder(path: Path) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 3) uint8 from the folder's PNG/JPEG files, sorted by name."""
+    files = folder_files(path)
     images = [_read_image(p) for p in files]
     for p, im in zip(files, images):
         if im.shape != images[0].shape:

@@ -135,11 +135,9 @@ def _head(stats: _Stats, n: int) -> str:
 
 
 def _target_lid(stats: _Stats, config: DualConfig) -> float:
-    from dgmood.statistics.calibrate import target_lid
+    from dgmood.statistics.flipd import lpca_target
 
-    pool = stats.train[: config.lpca_pool]
-    return float(target_lid(pool.reshape(len(pool), -1), n_neighbors=min(config.lpca_neighbors, len(pool) - 1),
-                            n_queries=config.lpca_queries, seed=config.lens.seed))
+    return lpca_target(stats.train, config.lpca_pool, config.lpca_neighbors, config.lpca_queries, config.lens.seed)
 
 
 def _calibrate(stats: _Stats, config: DualConfig, target: float) -> dict:
@@ -149,22 +147,9 @@ def _calibrate(stats: _Stats, config: DualConfig, target: float) -> dict:
     name, images = _calibration_images(stats, config)
     lens = config.lens
     if lens.lid == "flipd":
-        import torch
+        from dgmood.statistics.flipd import calibrate_flipd
 
-        from dgmood.models.diffusion import flipd
-        from dgmood.models.noise import t_to_sigma
-
-        x = torch.from_numpy(images).to(stats.run.device)
-
-        def mean_flipd(sigma0: float) -> float:
-            gen = torch.Generator().manual_seed(lens.seed)
-            return float(flipd(stats.run.model, x, sigma0, probes=lens.probes, generator=gen).mean())
-
-        # bracket: the pixel σ of VP times 1e-4 and 1; Hutchinson noise can make the curve locally non-monotone,
-        # and bisection keeps a bracket, so the result is a crossing of the target either way
-        lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
-        value = calibrate.calibrate_sigma0(mean_flipd, target, lo, hi, tol=0.5, check_monotone=False)
-        return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value)}
+        return calibrate_flipd(stats.run.model, images, target, lens.probes, lens.seed, stats.run.device)
     sv = stats.get(LID_STATISTIC[lens.lid], name, lambda: images)
     dim = images[0].size
     tau = calibrate.calibrate_tau(sv, target, kind="flow" if lens.lid == "jacobian" else "normal_bundle", dim=dim)

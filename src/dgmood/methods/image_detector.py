@@ -159,6 +159,21 @@ class ImageDetector:
         """(N,) int: +1 where the score reaches the threshold (in-distribution), else -1 (OOD)."""
         return np.where(self.score_samples(images, key) >= self.threshold, 1, -1)
 
+    def score(self, images) -> np.ndarray:
+        """(N,) float64 scores of raw images (N, H, W[, C]) or (N, C, H, W), uint8 or [0, 1]; see :meth:`score_samples`."""
+        return self.score_samples(images)
+
+    @property
+    def model_sha256(self) -> str:
+        """SHA-256 of the model's weights file."""
+        return str(self.info.get("model_sha256", ""))
+
+    def describe(self) -> dict:
+        """JSON-ready summary: method, statistics, estimator, threshold, image shape, model checksum."""
+        return {"method": self.method, "statistics": [s.to_dict() for s in self.statistics],
+                "estimator": type(self.estimator).__name__, "threshold": self.threshold,
+                "image_shape": list(self.image_shape), "model_sha256": self.model_sha256, "columns": self.columns_}
+
     # --- save / load ------------------------------------------------------------------------------------------
 
     def save(self, directory, weights_file: Path | None = None) -> Path:

@@ -35,8 +35,34 @@ def sigma_like(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
 
+class ImageNoise:
+    """A noise source seeded by each image's content: image i's draws come from its own generator, seeded by
+    (``seed``, SHA-256 of its float32 bytes), so its Monte-Carlo statistics (FLIPD's probes, the reconstruction's
+    ε) are the same in any batch, at any position, alone or twice. Pass it where a ``generator`` is taken.
+
+    Args:
+        x: The images (N, ...) the noise is for.
+        seed: Seed mixed into every image's.
+    """
+
+    def __init__(self, x: torch.Tensor, seed: int = 0):
+        import hashlib
+
+        rows = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.generators = [torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(r.tobytes()).digest()[:7], "little") ^ int(seed)) for r in rows]
+
+    def draw(self, kind: str, per_image: tuple[int, ...], axis: int, dtype, device) -> torch.Tensor:
+        """``randn`` or ``rademacher`` draws of shape ``per_image`` for each image, stacked along ``axis``."""
+        draws = [torch.randn(per_image, generator=g, dtype=dtype) if kind == "gaussian"
+                 else torch.randint(0, 2, per_image, generator=g).to(dtype) * 2 - 1 for g in self.generators]
+        return torch.stack(draws, dim=axis).to(device)
+
+
 def _draw_probes(shape, probe: str, generator, dtype, device) -> torch.Tensor:
-    """Hutchinson probes v with E[v vᵀ] = I: Rademacher (±1) or standard Gaussian."""
+    """Hutchinson probes v with E[v vᵀ] = I: Rademacher (±1) or standard Gaussian; shape (probes, N, ...)."""
+    if isinstance(generator, ImageNoise) and probe in ("rademacher", "gaussian"):
+        return generator.draw(probe, (shape[0], *shape[2:]), 1, dtype, device)
     if probe == "rademacher":
         return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
     if probe == "gaussian":
@@ -342,12 +368,15 @@ def reconstruction_error(
         sigmas: Noise levels, pixel scale (a VP time t converts by :func:`dgmood.models.noise.t_to_sigma`).
         steps: Euler steps per level (network calls per image and level).
         sigma_min: Smallest nonzero σ of the grid.
-        generator: Source of ε.
+        generator: Source of ε (a torch.Generator, or an :class:`ImageNoise`).
 
     Returns:
         Tensor of shape (N, len(sigmas)): mean squared error per pixel, pixel² units (higher = more OOD).
     """
-    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if isinstance(generator, ImageNoise):
+        eps = generator.draw("gaussian", tuple(x.shape[1:]), 0, x.dtype, x.device)
+    else:
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     errors = [
         (_pf_ode_denoise(score_fn, x + sigma * eps, float(sigma), steps, sigma_min) - x).flatten(1).square().mean(1)
         for sigma in sigmas

@@ -106,6 +106,8 @@ class Statistic:
 
 def statistic_from_dict(d: dict) -> Statistic:
     """A statistic from :meth:`Statistic.to_dict` (unfitted); ValueError for an unknown class."""
+    from dgmood.statistics import complexity, flipd, knn, likelihood, reconstruction, score_norms  # noqa: F401 (register)
+
     cls = STATISTICS.get(d.get("class"))
     if cls is None:
         raise ValueError(f"unknown statistic {d.get('class')!r}; known: {', '.join(sorted(STATISTICS))}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from dgmood.statistics.base import Statistic, register
@@ -40,7 +42,16 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
         return float(flipd(model, x, sigma0, probes=probes, generator=gen).mean())
 
     lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
-    value = calibrate_sigma0(mean_flipd, target, lo, hi, tol=0.5, check_monotone=False)
+    try:
+        value = calibrate_sigma0(mean_flipd, target, lo, hi, tol=0.5, check_monotone=False)
+    except ValueError as err:
+        if "at both ends" not in str(err):
+            raise
+        # no crossing in the bracket (an undertrained model): the end whose mean LID is nearer the target
+        value = min((lo, hi), key=lambda s: abs(mean_flipd(s) - target))
+        warnings.warn(f"FLIPD's σ₀ could not be calibrated ({err}); using σ₀ = {value:.4g}, the bracket's end nearest "
+                      "the target. The score model may be undertrained.", RuntimeWarning, stacklevel=2)
+        return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value), "clamped": True}
     return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value)}
 
 
@@ -96,4 +107,4 @@ class FLIPD(Statistic):
         return compute_statistic(model, images, self._lens(), "flipd", device, progress, sigma0=self.sigma0_)[0]
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {"probes": self.probes, "seed": self.seed, "sigma0": self.sigma0_}
+        return {"probes": self.probes, "seed": self.seed, "noise": "per-image", "sigma0": self.sigma0_}

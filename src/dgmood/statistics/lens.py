@@ -84,6 +84,8 @@ def _settings(config: LensConfig, stat: str, **extra) -> dict:
         "reconstruction": ("seed",),
     }.get(stat, ())
     settings = {k: getattr(config, k) for k in keys}
+    if stat in ("flipd", "reconstruction"):
+        settings["noise"] = "per-image"  # ImageNoise: drawn per image from its content, not per batch
     if stat == "log_likelihood" and config.lens == "flow":
         settings = {"lens": "flow"}
     return dict(settings, **extra)
@@ -122,9 +124,10 @@ def _diffusion_log_likelihood(model, x, config, generator):
 
 
 def _diffusion_flipd(model, x, config, generator, sigma0: float):
-    from dgmood.models.diffusion import flipd
+    from dgmood.models.diffusion import ImageNoise, flipd
 
-    return flipd(model, x, sigma0, probes=config.probes, generator=generator)
+    # probes seeded by each image (not its place in the batch): an image's LID is the same in any batch
+    return flipd(model, x, sigma0, probes=config.probes, generator=ImageNoise(x, config.seed))
 
 
 def _diffusion_normal_bundle_sv(model, x, config, generator):
@@ -141,9 +144,9 @@ def _diffusion_score_norm(model, x, config, generator, sigma_min: float = 0.01):
 
 def _diffusion_reconstruction(model, x, config, generator, **levels):
     """Reconstruction errors (N, L); ``levels`` may set ``sigmas`` and ``steps`` (part of the cache key)."""
-    from dgmood.models.diffusion import reconstruction_error
+    from dgmood.models.diffusion import ImageNoise, reconstruction_error
 
-    return reconstruction_error(model, x, generator=generator, **levels)
+    return reconstruction_error(model, x, generator=ImageNoise(x, config.seed), **levels)
 
 
 def _complexity(model, x, config, generator):

@@ -33,7 +33,7 @@ class Reconstruction(Statistic):
                                  steps=self.steps)[0]
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {"seed": self.seed, "sigmas": list(self.sigmas), "steps": self.steps}
+        return {"seed": self.seed, "noise": "per-image", "sigmas": list(self.sigmas), "steps": self.steps}
 
     def columns(self, n_columns: int) -> list[str]:
         return [f"reconstruction@sigma={s:.4g}" for s in self.sigmas]
