@@ -21,6 +21,14 @@ def lpca_target(train: np.ndarray, pool: int = 10000, n_neighbors: int = 1000, n
                             seed=seed))
 
 
+def calibration_sample(images: np.ndarray, stat) -> tuple[float, np.ndarray]:
+    """(LPCA target, calibration points) of a LID statistic's calibration on training ``images`` (METHODS §3)."""
+    from dgmood.statistics.calibrate import calibration_points
+
+    target = lpca_target(images, stat.lpca_pool, stat.lpca_neighbors, stat.lpca_queries, stat.seed)
+    return target, images[calibration_points(len(images), min(stat.calibration_n, len(images)), seed=stat.seed)]
+
+
 def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, seed: int = 0,
                     device="cpu") -> dict:
     """FLIPD's σ₀ (pixel scale) whose mean LID over the calibration ``points`` (n, C, H, W) equals ``target``.
@@ -81,13 +89,10 @@ class FLIPD(Statistic):
         self.sigma0_ = None
 
     def fit(self, model, images, device="cpu", progress=False):
-        from dgmood.statistics.calibrate import calibration_points
-
         if self.sigma0 is not None:
             self.sigma0_ = float(self.sigma0)
             return self
-        target = lpca_target(images, self.lpca_pool, self.lpca_neighbors, self.lpca_queries, self.seed)
-        points = images[calibration_points(len(images), min(self.calibration_n, len(images)), seed=self.seed)]
+        target, points = calibration_sample(images, self)
         self.calibration_ = dict(calibrate_flipd(model, points, target, self.probes, self.seed, device),
                                  target_lpca=target)
         self.sigma0_ = float(self.calibration_["value"])

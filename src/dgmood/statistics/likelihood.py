@@ -66,14 +66,13 @@ class JacobianLID(Statistic):
         return compute_statistic(model, images, lens, "jacobian_sv", device, progress)[0]
 
     def fit(self, model, images, device="cpu", progress=False):
-        from dgmood.statistics.calibrate import calibrate_tau, calibration_points
-        from dgmood.statistics.flipd import lpca_target
+        from dgmood.statistics.calibrate import calibrate_tau
+        from dgmood.statistics.flipd import calibration_sample
 
         if self.tau is not None:
             self.tau_ = float(self.tau)
             return self
-        target = lpca_target(images, self.lpca_pool, self.lpca_neighbors, self.lpca_queries, self.seed)
-        points = images[calibration_points(len(images), min(self.calibration_n, len(images)), seed=self.seed)]
+        target, points = calibration_sample(images, self)
         sv = self._singular_values(model, points, device, progress)
         self.tau_ = float(calibrate_tau(sv, target, kind="flow", dim=points[0].size))
         return self
