@@ -3,6 +3,7 @@ and the user's commands on it (predict on a folder, a custom RGB folder with a h
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +146,13 @@ def test_method_predict_agrees_with_its_threshold(fitted, images, method, kind):
 def test_every_method_loads_in_a_fresh_process_with_identical_scores(fitted, images, tmp_path):
     np.save(tmp_path / "x.npy", images["in"])
     folders = {f"{m}-{k}": str(folder) for (m, k), (folder, _, _) in fitted.items()}
-    code = ("import json, sys, numpy as np, dgmood\n"
+    # One thread as in this process (conftest): a different thread count reorders float sums.
+    code = ("import json, sys, numpy as np, torch, dgmood\n"
+            "torch.set_num_threads(1)\n"
             "folders = json.loads(sys.argv[1]); x = np.load(sys.argv[2])\n"
             "np.savez(sys.argv[3], **{k: dgmood.load(v).score(x) for k, v in folders.items()})\n")
     subprocess.run([sys.executable, "-c", code, json.dumps(folders), str(tmp_path / "x.npy"), str(tmp_path / "s.npz")],
-                   check=True, timeout=300, cwd=ROOT)
+                   check=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     loaded = np.load(tmp_path / "s.npz")
     for (method, kind), (_, scores, _) in fitted.items():
         np.testing.assert_array_equal(loaded[f"{method}-{kind}"], scores, err_msg=f"{method} on a {kind} model")
