@@ -114,7 +114,8 @@ def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, se
     np.testing.assert_array_equal(first.scores["combined"]["in"], second.scores["combined"]["in"])
     monkeypatch.setattr(detectors.GMMDetector, "fit", fail)  # the saved mixture is loaded, not refitted
     third = evaluate_combined(score_run, config, list(sets["ood"]))
-    assert third.detector.n_features_in_ == 10 + 1 + 1 and third.detector.distance_columns == 1
+    n_norms = len(config.sigmas[::config.combined_sigma_stride])  # every second of the ten σ
+    assert third.detector.n_features_in_ == n_norms + 1 + 1 and third.detector.distance_columns == 1
     np.testing.assert_allclose(third.scores["combined"]["in"], first.scores["combined"]["in"], rtol=1e-12)
 
 

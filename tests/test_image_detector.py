@@ -155,7 +155,10 @@ def test_every_method_loads_in_a_fresh_process_with_identical_scores(fitted, ima
                    check=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     loaded = np.load(tmp_path / "s.npz")
     for (method, kind), (_, scores, _) in fitted.items():
-        np.testing.assert_array_equal(loaded[f"{method}-{kind}"], scores, err_msg=f"{method} on a {kind} model")
+        # Equal to float32 rounding: oneDNN may pick another convolution kernel for a partial batch in a process
+        # whose earlier work differed (seen: 4e-6 on 8 of 40 scores after other tests ran first).
+        np.testing.assert_allclose(loaded[f"{method}-{kind}"], scores, rtol=0, atol=1e-4,
+                                   err_msg=f"{method} on a {kind} model")
 
 
 def test_saved_folder_holds_json_and_safetensors_only(fitted):

@@ -7,6 +7,7 @@ test set is the positive class (METHODS §4).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Calla
     if not ood_sets:
         raise ValueError("no OOD set given; name at least one with --ood SPEC")
     in_name, in_loader = in_set
-    loaders = {in_name: _Once(in_loader), **{k: _Once(v) for k, v in ood_sets.items()}}
+    loaders = {in_name: functools.cache(in_loader), **{k: functools.cache(v) for k, v in ood_sets.items()}}
     ev = Evaluation(in_name)
     for method, det in detectors.items():
         start = time.perf_counter()
@@ -98,14 +99,3 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
     report.write_report(directory, rows, plots, context, title=title)
     return report.format_table(rows, "text")
 
-
-class _Once:
-    """A zero-argument loader that loads at most once."""
-
-    def __init__(self, fn: Callable[[], np.ndarray]):
-        self.fn, self._value = fn, None
-
-    def __call__(self) -> np.ndarray:
-        if self._value is None:
-            self._value = self.fn()
-        return self._value

@@ -22,6 +22,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -103,7 +104,7 @@ class ImageDetector:
             training: The images are the training images the statistics were fitted on.
         """
         if key is not None and self.cache is not None:
-            loaded = _Once(images if callable(images) else (lambda: self.prepare(images)))
+            loaded = functools.cache(images if callable(images) else (lambda: self.prepare(images)))
             return {s.name: self.cache.values(s, key, loaded, self.model, self.device, self.progress, training)
                     for s in self.statistics}
         x = self.prepare(images() if callable(images) else images)
@@ -294,15 +295,3 @@ def _replace_folder(new: Path, target: Path) -> None:
         target.rename(old)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-class _Once:
-    """A zero-argument image loader that loads at most once (several statistics may need the images)."""
-
-    def __init__(self, fn):
-        self.fn, self._value = fn, None
-
-    def __call__(self) -> np.ndarray:
-        if self._value is None:
-            self._value = self.fn()
-        return self._value
