@@ -1,0 +1,87 @@
+"""What each cheaper setting of the combined detector costs in quality and saves in time (issue 11).
+
+Usage: ``python benchmarks/speed_ablation.py --run runs/demo --variant base='{}' \
+--variant recon1='{"reconstruction_steps": 1}' [--n 2000] [--threads 2]``
+
+Each variant is the combined detector with some :class:`~dgmood.methods.recipes.MethodConfig` fields overridden
+(JSON), fitted on the run's training images only (never saved over the run's detector). Sets: the in-distribution
+test images, the other dataset, uniform / Gaussian / constant noise, and three shifts of the in-distribution test
+images (inverted, vertically flipped, rotated by 90°: OOD checks made from in-distribution data). Statistics are
+cached in the run, so variants share what they have in common. Prints a markdown table of AUROC (FPR95 in
+brackets) per set and the uncached milliseconds per image of each variant's statistics on 1,000 test images;
+writes ``OUT/ablation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import SHIFTS  # noqa: E402
+
+from dgmood.app.runs import Run  # noqa: E402
+from dgmood.evaluation.evaluate import evaluate_detectors  # noqa: E402
+from dgmood.methods.recipes import build_detector  # noqa: E402
+
+
+def sets(run: Run, n: int) -> tuple[str, dict]:
+    """In-distribution test spec and OOD loaders (name = cache key)."""
+    in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
+    other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
+    loaders = {s: (lambda s=s: run.images(s)) for s in [f"{other}[:{n}]", "uniform[:500]", "gaussian[:500]",
+                                                         "constant[:500]"]}
+    loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in SHIFTS.items()}
+    return in_spec, loaders
+
+
+def ms_per_image(detector, images: np.ndarray) -> dict[str, float]:
+    out = {}
+    for stat in detector.statistics:
+        start = time.perf_counter()
+        stat.compute(detector.model, images, detector.device, False)
+        out[stat.name] = 1e3 * (time.perf_counter() - start) / len(images)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--variant", action="append", default=[], help="NAME=JSON overrides of MethodConfig")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
+    parser.add_argument("--no-timing", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Run(args.run, progress=True)
+    in_spec, loaders = sets(run, args.n)
+    probe = run.images(f"{in_spec.split('[')[0]}[:1000]")
+    table, out = [], {}
+    for item in args.variant or ["base={}"]:
+        name, _, overrides = item.partition("=")
+        config = run.method_config(**json.loads(overrides or "{}"))
+        det = build_detector("combined", run.model, "score", config, run.device, run.cache, True)
+        det.fit(run.images(run.config.data), fit_n=run.config.features.fit_n, key=run.fit_spec())
+        ev = evaluate_detectors({name: det}, (in_spec, lambda: run.images(in_spec)), loaders)
+        ms = {} if args.no_timing else ms_per_image(det, probe)
+        out[name] = {"overrides": json.loads(overrides or "{}"), "results": ev.results[name], "ms": ms}
+        cells = [f"{r['auroc']:.4f} ({100 * r['fpr_at_95_tpr']:.1f})" for r in ev.results[name].values()]
+        table.append(f"| {name} | " + " | ".join(cells) + f" | {sum(ms.values()):.2f} |")
+        print(table[-1], flush=True)
+    header = "| variant | " + " | ".join(loaders) + " | ms/image |"
+    print("\n".join([header, "|" + "---|" * (len(loaders) + 2), *table]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ablation.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
