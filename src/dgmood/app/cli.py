@@ -403,6 +403,7 @@ def _evaluate_methods(run, method, baselines, ood_specs, in_spec, features):
     """The one evaluation of the image-detector methods: fit (or load) each, score, write RUN/METHOD/."""
     from dgmood.evaluation.evaluate import write_evaluation
     from dgmood.methods.combined import evaluate_combined, write_combined_outputs
+    from dgmood.methods.explain import galleries
     from dgmood.utils.files import write_json
 
     names = tuple(n.strip() for n in features.split(",") if n.strip())
@@ -422,11 +423,12 @@ def _evaluate_methods(run, method, baselines, ood_specs, in_spec, features):
                    "model sha256": run.model_sha[:16], "threshold": f"{detectors[method].threshold:.4g}",
                    "saved detector": str(run.detector_dir(method)),
                    "evaluation time": f"{time.perf_counter() - start:.1f} s"}
-        table = write_evaluation(directory, ev, context, f"dgmood {method} report", method)
+        table = write_evaluation(directory, ev, context, f"dgmood {method} report", method,
+                                 galleries=galleries(detectors[method], ev, method))
     write_json(run.directory / "last_evaluation.json", {"method": method, "baselines": baselines, "in": in_spec,
                                                         "ood": list(ood_specs), "features": list(names)})
     click.echo(table)
-    click.echo(f"\nreport: {directory / 'report.md'}")
+    click.echo(f"\nreport: {directory / 'report.md'} (with images: {directory / 'report.html'})")
 
 
 def _evaluate_and_report(run, ood_specs, in_spec=""):
@@ -501,19 +503,23 @@ def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, metho
               help="CSV of verdicts, one row per image (written whole, or not at all).")
 @click.option("--method", default=None, show_default=False,
               help="Fitted method to use (combined, msma-knn, pixel-knn, ...) [default: the run's].")
+@click.option("--maps", "maps_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write DIR/maps.npy (N x H x W anomaly maps, higher = more anomalous) and one PNG per "
+                   "image: image, map overlay, nearest training image, score, verdict, reasons.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with the IDX files of named sets [default: $DGMOOD_DATA, else ~/.cache/dgmood/data].")
 @click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
 @click.option("--threads", type=click.IntRange(1, 256), default=os.cpu_count() or 1, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="Hide progress bars.")
 @_clean_errors
-def predict_cmd(run_dir, images, out, method, data_dir, device, threads, quiet):
+def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, threads, quiet):
     """Which of IMAGES are out of distribution: score them with a fitted detector and write a CSV of verdicts.
 
     IMAGES are dataset specs: folders of PNG/JPEG files, .npy/.npz arrays, IDX files, named sets, slices
     (e.g. `scans/`, `x.npz:test`, `mnist:test[:100]`). Every set is read and checked before anything is
     scored; the CSV has one row per image: source (file, or SPEC#INDEX), set, index, score, verdict (+1
-    in-distribution / -1 OOD), threshold and each statistic's raw values.
+    in-distribution / -1 OOD), threshold, reasons (the statistics furthest from training, e.g.
+    "complexity -4.1σ"), each statistic's raw values and each column's deviation from training (z:COLUMN).
     """
     from dgmood.app.loading import load
     from dgmood.app.predict import predict, write_verdicts
@@ -528,11 +534,12 @@ def predict_cmd(run_dir, images, out, method, data_dir, device, threads, quiet):
     else:
         detector = load(run_dir, method, device)
     detector.progress = not quiet
-    rows = predict(detector, list(images), data_dir)
+    rows = predict(detector, list(images), data_dir, maps_dir)
     write_verdicts(out, rows, detector)
     flagged = sum(r["verdict"] == -1 for r in rows)
     click.echo(f"{flagged} of {len(rows)} images flagged out-of-distribution ({100 * flagged / len(rows):.1f} %) "
-               f"by {detector.method} (threshold {detector.threshold:.4g}); verdicts in {out}")
+               f"by {detector.method} (threshold {detector.threshold:.4g}); verdicts in {out}"
+               + (f"; maps in {maps_dir}" if maps_dir else ""))
 
 
 # ---------------------------------------------------------------- online scoring

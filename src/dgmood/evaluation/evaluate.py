@@ -11,7 +11,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class Evaluation:
         scores: method → {"in": (N,), "ood": {name: (M,)}}, higher = more in-distribution.
         values: method → set name → statistic → raw values (N,) or (N, K).
         seconds: method → seconds of scoring (statistics cached before count as free).
+        loaders: set name → zero-argument loader of its images (cached: the images are read once).
     """
 
     in_name: str
@@ -35,6 +36,7 @@ class Evaluation:
     scores: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    loaders: dict = field(default_factory=dict)
 
     @property
     def ood_names(self) -> list[str]:
@@ -57,7 +59,7 @@ def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Calla
         raise ValueError("no OOD set given; name at least one with --ood SPEC")
     in_name, in_loader = in_set
     loaders = {in_name: functools.cache(in_loader), **{k: functools.cache(v) for k, v in ood_sets.items()}}
-    ev = Evaluation(in_name)
+    ev = Evaluation(in_name, loaders=loaders)
     for method, det in detectors.items():
         start = time.perf_counter()
         values = {name: det.statistic_values(loader, name) for name, loader in loaders.items()}
@@ -70,9 +72,9 @@ def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Calla
 
 
 def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: str, main: str,
-                     extra: Mapping | None = None) -> str:
-    """metrics.json/.csv, ROC curves, the score histograms of method ``main``, report.md and evaluation.json in
-    ``directory``; returns the text metrics table.
+                     extra: Mapping | None = None, galleries: Sequence = ()) -> str:
+    """metrics.json/.csv, ROC curves, the score histograms of method ``main``, report.md, report.html and
+    evaluation.json in ``directory``; returns the text metrics table.
 
     Args:
         directory: Output folder.
@@ -81,8 +83,10 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
         title: The report's title.
         main: The method whose score histograms are drawn.
         extra: More JSON for evaluation.json.
+        galleries: report.html's image galleries (:data:`dgmood.evaluation.html_report.Gallery`).
     """
     from dgmood.evaluation import report
+    from dgmood.evaluation.html_report import write_html
     from dgmood.utils.files import write_json
 
     directory = Path(directory)
@@ -97,5 +101,6 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
             entry["in"], entry["ood"], directory / "plots" / "scores.png", label=f"{main} score"),
     }
     report.write_report(directory, rows, plots, context, title=title)
+    write_html(directory / "report.html", title, context, rows, plots, galleries)
     return report.format_table(rows, "text")
 

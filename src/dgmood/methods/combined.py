@@ -94,8 +94,10 @@ def evaluate_combined(run, config: MethodConfig | None = None, ood_specs: list[s
 
 
 def write_combined_outputs(run, config: MethodConfig, ev: CombinedEvaluation, in_spec: str, seconds: float) -> str:
-    """metrics.json/.csv, ROC and score histograms, report.md in ``ev.directory``; returns the text table."""
+    """metrics.json/.csv, ROC and score histograms, report.md and report.html in ``ev.directory``; returns the
+    text table."""
     from dgmood.evaluation.evaluate import write_evaluation
+    from dgmood.methods.explain import galleries
 
     det = ev.detector
     context = {
@@ -111,4 +113,5 @@ def write_combined_outputs(run, config: MethodConfig, ev: CombinedEvaluation, in
         context[f"time per image: {stat}"] = f"{s * 1000:.2f} ms"
     context["evaluation time"] = f"{seconds:.1f} s"
     return write_evaluation(ev.directory, ev.evaluation, context, "dgmood combined-detector report", "combined",
-                            {"config": config.to_dict(), "seconds_per_image": ev.seconds_per_image})
+                            {"config": config.to_dict(), "seconds_per_image": ev.seconds_per_image},
+                            galleries(ev.image_detector, ev.evaluation, "combined"))

@@ -8,7 +8,7 @@ transformers share one model and one cache of values, and the whole thing saves 
     DIR/detector.json            method, image shape, network config, statistics (class, params, fitted scalars),
                                  column names, threshold, provenance, and the SHA-256 of every file below
     DIR/model.safetensors        the model's (EMA) weights
-    DIR/statistics.safetensors   fitted arrays of the statistics (the k-NN bank as uint8)
+    DIR/statistics.safetensors   fitted arrays of the statistics (the k-NN bank as uint8) and of the anomaly map
     DIR/estimator/               the array detector (detector.json + arrays.safetensors)
 
 JSON + safetensors only, never pickles; the folder can be copied anywhere and loaded without the run.
@@ -18,6 +18,7 @@ Usage::
     det = ImageDetector.load("runs/demo/detectors/combined")
     det.score_samples(images)   # (N,) float64, higher = more in-distribution; images (N, H, W[, C]) uint8 or [0, 1]
     det.predict(images)         # (N,) int, +1 in-distribution / -1 OOD
+    det.explain(images)         # scores, verdicts, per-column deviations, reasons, anomaly maps, nearest images
 """
 
 from __future__ import annotations
@@ -27,19 +28,63 @@ import json
 import os
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dgmood.data.datasets import prepare_images
 from dgmood.statistics.base import Statistic, as_columns, statistic_from_dict
+from dgmood.statistics.maps import ScoreFieldMap, difference_map, nearest_indices
 from dgmood.utils.errors import CheckpointError
 
-__all__ = ["FORMAT", "ImageDetector"]
+__all__ = ["FORMAT", "Explanation", "ImageDetector", "reasons"]
 
 FORMAT = "dgmood-image-detector/1"
 _SHA = "detector_sha256"
 _CHUNK = 2048  # images per pass when nothing is cached: bounded memory for any number of images
+REASON_Z = 2.0
+"""A column is a reason for a verdict when it lies this many training standard deviations from the mean."""
+
+
+def reasons(z: np.ndarray, columns: list[str], top: int = 3, min_abs: float = REASON_Z) -> list[str]:
+    """Per image, the (at most ``top``) columns furthest from training, e.g. ``complexity -4.1σ; knn +6.2σ``.
+
+    Args:
+        z: Standardised deviations (N, F) (:meth:`ImageDetector.deviations`).
+        columns: F column names.
+        top: How many columns to name.
+        min_abs: Only columns at least this far out; an image with none gets ``""``.
+    """
+    out = []
+    for row in np.asarray(z, dtype=np.float64):
+        order = [j for j in np.argsort(-np.abs(np.nan_to_num(row, nan=np.inf)))[:top] if not abs(row[j]) < min_abs]
+        out.append("; ".join(f"{columns[j]} {row[j]:+.1f}σ" for j in order))
+    return out
+
+
+@dataclass
+class Explanation:
+    """What :meth:`ImageDetector.explain` returns for N images.
+
+    Attributes:
+        scores: (N,) float64, higher = more in-distribution.
+        verdicts: (N,) int, +1 in-distribution / -1 OOD.
+        deviations: (N, F) each feature column's deviation from the training images, in their standard
+            deviations (log columns on the log scale); NaN columns when the detector keeps no training moments.
+        reasons: N strings naming the columns furthest out (:func:`reasons`).
+        maps: (N, H, W) float32 anomaly maps (higher = more anomalous), or None when the detector has none.
+        nearest: (N, C, H, W) nearest training images in raw pixels, or None without a raw-pixel k-NN bank.
+        values: Statistic name → raw values.
+    """
+
+    scores: np.ndarray
+    verdicts: np.ndarray
+    deviations: np.ndarray
+    reasons: list[str]
+    maps: np.ndarray | None
+    nearest: np.ndarray | None
+    values: dict
 
 
 class ImageDetector:
@@ -54,18 +99,23 @@ class ImageDetector:
         device: Torch device of the network passes.
         cache: A :class:`~dgmood.statistics.cache.StatisticCache` for named datasets, or None.
         progress: Progress bars on network passes.
+        explainer: An anomaly-map maker fitted with the detector (:class:`~dgmood.statistics.maps.ScoreFieldMap`),
+            or None.
 
     Attributes:
         columns_: Feature column names (after ``fit``).
+        column_mean_, column_std_: (F,) the training feature columns' mean and standard deviation (after ``fit``),
+            the scale of :meth:`deviations`.
         info: Provenance saved with the detector (model checksum, training data, fit time, ...).
     """
 
     def __init__(self, model, statistics: list[Statistic], estimator, method: str = "", log_scale: bool = True,
-                 device="cpu", cache=None, progress: bool = False):
+                 device="cpu", cache=None, progress: bool = False, explainer: ScoreFieldMap | None = None):
         self.model, self.statistics, self.estimator = model, list(statistics), estimator
         self.method, self.log_scale, self.device = method, log_scale, device
-        self.cache, self.progress = cache, progress
+        self.cache, self.progress, self.explainer = cache, progress, explainer
         self.columns_: list[str] = []
+        self.column_mean_ = self.column_std_ = None
         self.info: dict = {}
         self._lock = threading.Lock()
 
@@ -143,8 +193,13 @@ class ImageDetector:
             stat.fit(self.model, x, self.device, self.progress)
         rows = x[:fit_n] if fit_n else x
         values = self.statistic_values((lambda: rows) if key else rows, key, training=True)
-        self.estimator.fit(self.columns(values))
+        features = self.columns(values)
+        self.estimator.fit(features)
         self.columns_ = [c for s in self.statistics for c in s.columns(as_columns(values[s.name], False).shape[1])]
+        self.column_mean_, self.column_std_ = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-12)
+        if self.explainer is not None:
+            with self._lock:
+                self.explainer.fit(self.model, rows, self.device, self.progress)
         self.info = dict(self.info, n_train=int(len(x)), n_fit=int(len(rows)), fit_seconds=time.perf_counter() - start)
         return self
 
@@ -159,6 +214,40 @@ class ImageDetector:
     def predict(self, images, key: str | None = None) -> np.ndarray:
         """(N,) int: +1 where the score reaches the threshold (in-distribution), else -1 (OOD)."""
         return np.where(self.score_samples(images, key) >= self.threshold, 1, -1)
+
+    def deviations(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, F) each feature column's deviation from the training images in their standard deviations:
+        (column − training mean) / training std; NaN when the detector keeps no training moments (older folders)."""
+        features = self.columns(values)
+        if self.column_mean_ is None:
+            return np.full(features.shape, np.nan)
+        return (features - self.column_mean_) / self.column_std_
+
+    def explain(self, images, maps: bool = True) -> Explanation:
+        """Scores, verdicts and why: per-column deviations, reasons, anomaly maps and nearest training images.
+
+        Args:
+            images: Images as :meth:`prepare` takes them (N of them).
+            maps: Compute the anomaly maps (one more network pass per map σ) and find the nearest training
+                images; False leaves ``maps`` and ``nearest`` None.
+        """
+        x = self.prepare(images)
+        values = self.statistic_values(x)
+        scores = self.score_values(values)
+        z = self.deviations(values)
+        anomaly = None
+        if maps and self.explainer is not None:
+            with self._lock:
+                anomaly = np.concatenate([self.explainer.compute(self.model, x[i:i + _CHUNK], self.device)
+                                          for i in range(0, len(x), _CHUNK)])
+        bank = next((s.bank_ for s in self.statistics if getattr(s, "bank_", None) is not None), None)
+        nearest = None
+        if bank is not None and maps:
+            nearest = (bank[nearest_indices(bank, x)].astype(np.float32) / 255.0).reshape(x.shape)
+            if anomaly is None:
+                anomaly = difference_map(x, nearest)
+        verdicts = np.where(np.isfinite(scores) & (scores >= self.threshold), 1, -1)
+        return Explanation(scores, verdicts, z, reasons(z, self.columns_), anomaly, nearest, values)
 
     def score(self, images) -> np.ndarray:
         """(N,) float64 scores of raw images (N, H, W[, C]) or (N, C, H, W), uint8 or [0, 1]; see :meth:`score_samples`."""
@@ -206,13 +295,20 @@ class ImageDetector:
             scalars, fitted = stat.state()
             stats.append(dict(stat.to_dict(), state=scalars))
             arrays.update({f"{i}.{k}": np.ascontiguousarray(v) for k, v in fitted.items()})
+        explainer = None
+        if self.explainer is not None:
+            scalars, fitted = self.explainer.state()
+            explainer = dict(self.explainer.to_dict(), state=scalars)
+            arrays.update({f"map.{k}": np.ascontiguousarray(v) for k, v in fitted.items()})
         save_file(arrays, str(tmp / "statistics.safetensors"))
         save_detector(self.estimator, tmp / "estimator", {"method": self.method})
         files = ["model.safetensors", "statistics.safetensors", "estimator/detector.json", "estimator/arrays.safetensors"]
         write_json(tmp / "detector.json", with_checksum({
             "format": FORMAT, "method": self.method, "image_shape": list(self.image_shape),
             "net": self.model.config.to_dict(), "statistics": stats, "log_scale": self.log_scale,
-            "columns": self.columns_, "threshold": self.threshold, "info": json.loads(json.dumps(self.info, default=str)),
+            "columns": self.columns_, "threshold": self.threshold, "explainer": explainer,
+            "column_moments": None if self.column_mean_ is None else {
+                "mean": self.column_mean_.tolist(), "std": self.column_std_.tolist()}, "info": json.loads(json.dumps(self.info, default=str)),
             "files": {f: file_sha256(tmp / f) for f in files},
         }, _SHA))
         _replace_folder(tmp, directory)
@@ -249,9 +345,19 @@ class ImageDetector:
             prefix = f"{i}."
             stat.set_state(entry.get("state", {}), {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
             statistics.append(stat)
+        explainer = None
+        if meta.get("explainer"):
+            explainer = ScoreFieldMap(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in meta["explainer"]["params"].items()})
+            explainer.set_state(meta["explainer"].get("state", {}),
+                                {k[4:]: v for k, v in arrays.items() if k.startswith("map.")})
         estimator, _ = load_detector(directory / "estimator")
-        det = cls(model, statistics, estimator, meta["method"], bool(meta.get("log_scale", True)), device)
+        det = cls(model, statistics, estimator, meta["method"], bool(meta.get("log_scale", True)), device,
+                  explainer=explainer)
         det.columns_, det.info = list(meta.get("columns", [])), dict(meta.get("info", {}))
+        if meta.get("column_moments"):
+            det.column_mean_ = np.asarray(meta["column_moments"]["mean"], dtype=np.float64)
+            det.column_std_ = np.asarray(meta["column_moments"]["std"], dtype=np.float64)
         det.info["model_sha256"] = meta["files"]["model.safetensors"]
         if abs(det.threshold - float(meta["threshold"])) > 1e-9 * max(1.0, abs(det.threshold)):
             raise ValueError("its estimator's threshold differs from detector.json's")

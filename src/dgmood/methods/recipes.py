@@ -129,6 +129,17 @@ def _combined(kind: str, cfg: MethodConfig):
     return [make[f]() for f in cfg.features], estimator, True
 
 
+def _explainer(method: str, kind: str, cfg: MethodConfig):
+    """The anomaly map fitted with a detector: the score-field map on its score-norm σ levels for the combined
+    detector (one more pass over at most 2,000 training images per σ at fit time); None for the others, whose
+    explanations show the nearest-image difference when they keep a raw-pixel bank."""
+    from dgmood.statistics.maps import ScoreFieldMap
+
+    if kind != "score" or method != "combined":
+        return None
+    return ScoreFieldMap(cfg.sigmas[::cfg.combined_sigma_stride], batch_size=cfg.batch_size)
+
+
 def _msma(name: str):
     def build(kind: str, cfg: MethodConfig):
         from dgmood.detectors.estimators import DETECTORS
@@ -195,5 +206,7 @@ def build_detector(method: str, model, kind: str, config: MethodConfig | None = 
         need = " or ".join(recipe.models)
         raise ValueError(f"method {recipe.name} needs a {need} model, not a {kind} model; train one with "
                          f"`dgmood train --model {recipe.models[0]}` or pick another --method")
-    statistics, estimator, log_scale = recipe.build(kind, config or MethodConfig())
-    return ImageDetector(model, statistics, estimator, recipe.name, log_scale, device, cache, progress)
+    config = config or MethodConfig()
+    statistics, estimator, log_scale = recipe.build(kind, config)
+    return ImageDetector(model, statistics, estimator, recipe.name, log_scale, device, cache, progress,
+                         explainer=_explainer(recipe.name, kind, config))

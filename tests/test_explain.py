@@ -1,0 +1,153 @@
+"""Explained verdicts: anomaly maps (their equations against MSMA's norms), per-column deviations and reasons,
+`dgmood predict --maps`, localisation of pasted patches, and report.html in a real headless browser."""
+
+import csv
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_tiny_run, write_pooled_sets
+
+from dgmood.app.cli import main
+from dgmood.app.runs import FeatureConfig
+from dgmood.evaluation.localisation import paste_patches, pixel_auroc
+from dgmood.methods.image_detector import ImageDetector, reasons
+from dgmood.methods.recipes import MethodConfig, build_detector
+from dgmood.models.network import NetConfig
+from dgmood.statistics.maps import difference_map, pixel_score_norms, standardised_map
+from dgmood.statistics.score_norms import score_norms
+
+SMALL = MethodConfig(sigmas=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003), features=("msma", "complexity", "knn"))
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory, data_dir):
+    return write_pooled_sets(tmp_path_factory.mktemp("explain-sets"), data_dir, {
+        "train": ("fashion-mnist", 300), "in": ("fashion-mnist:test", 40), "mnist": ("mnist:test", 40)})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir, sets):
+    return make_tiny_run(tmp_path_factory.mktemp("explain-run") / "score", data_dir, sets,
+                         NetConfig(image_shape=(1, 8, 8), channels=(8, 16)), 60, features=FeatureConfig(fit_n=200))
+
+
+@pytest.fixture(scope="module")
+def detector(run):
+    det = build_detector("combined", run.model, "score", SMALL)
+    return det.fit(run.images(run.config.data), fit_n=200)
+
+
+def test_pixel_norms_add_up_to_msma_norms(run):
+    x = run.images(run.config.in_test)[:16]
+    per_pixel = pixel_score_norms(run.model, x, SMALL.sigmas, batch_size=5)
+    assert per_pixel.shape == (16, len(SMALL.sigmas), 8, 8)
+    np.testing.assert_allclose(np.sqrt((per_pixel**2).sum(axis=(2, 3))), score_norms(run.model, x, SMALL.sigmas),
+                               rtol=1e-4)
+
+
+def test_standardised_and_difference_maps():
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(size=(3, 4, 5)), rng.uniform(0.5, 2, size=(3, 4, 5))
+    np.testing.assert_allclose(standardised_map(mean[None] + 2 * std[None], mean, std), np.full((1, 4, 5), 2.0),
+                               rtol=1e-6)
+    x, n = np.zeros((1, 3, 4, 5)), np.zeros((1, 3, 4, 5))
+    n[0, :, 1, 2] = [0.3, 0.6, 0.9]
+    d = difference_map(x, n)
+    assert d.shape == (1, 4, 5) and d[0, 1, 2] == pytest.approx(0.6) and d.sum() == pytest.approx(0.6)
+
+
+def test_reasons_name_the_columns_furthest_out():
+    z = np.array([[0.5, -4.1, 6.2, 1.0], [0.1, 0.2, -0.3, 1.9]])
+    assert reasons(z, ["a", "complexity", "knn", "d"]) == ["knn +6.2σ; complexity -4.1σ", ""]
+
+
+def test_explanation_shapes_and_training_scale(detector, run):
+    x = run.images(run.config.in_test)
+    e = detector.explain(x)
+    assert e.maps.shape == (40, 8, 8) and e.maps.dtype == np.float32 and np.isfinite(e.maps).all()
+    assert e.nearest.shape == (40, 1, 8, 8) and e.deviations.shape == (40, len(detector.columns_))
+    np.testing.assert_array_equal(e.scores, detector.score_samples(x))
+    np.testing.assert_array_equal(e.verdicts, detector.predict(x))
+    # The training moments are those of the estimator's fit rows: their deviations have mean 0, sd 1.
+    train = detector.transform(run.images(run.config.data)[:200], training=True)
+    z_train = (train - detector.column_mean_) / detector.column_std_
+    np.testing.assert_allclose(z_train.mean(axis=0), 0, atol=1e-9)
+    np.testing.assert_allclose(z_train.std(axis=0), 1, rtol=1e-9)
+    # The nearest image is a training image, at the raw-pixel distance the k-NN bank gives.
+    bank = detector.statistics[-1].bank_
+    assert all((np.rint(n.ravel() * 255) == bank).all(axis=1).any() for n in e.nearest[:5])
+
+
+def test_maps_and_moments_survive_save_and_load(detector, run, tmp_path):
+    x = run.images(run.config.in_test)[:10]
+    loaded = ImageDetector.load(detector.save(tmp_path / "det"))
+    a, b = detector.explain(x), loaded.explain(x)
+    np.testing.assert_allclose(b.maps, a.maps, atol=1e-5)
+    np.testing.assert_allclose(b.deviations, a.deviations, atol=1e-6)
+    assert a.reasons == b.reasons
+
+
+def test_maps_find_pasted_patches(detector, run):
+    """Localisation floor on the tiny model (the benchmark's figure is on the demo model): a 3×3 patch of
+    uniform noise in 8×8 in-distribution test images."""
+    x, masks = paste_patches(run.images(run.config.in_test), 3, np.random.default_rng(0))
+    e = detector.explain(x)
+    assert pixel_auroc(e.maps, masks) >= 0.6  # 0.69 measured on this 60-step 8×8 model; chance is 0.5
+    assert pixel_auroc(difference_map(x, e.nearest), masks) >= 0.6
+
+
+def test_predict_writes_maps_tiles_and_reasons(run, sets, data_dir, tmp_path):
+    out, maps = tmp_path / "v.csv", tmp_path / "maps"
+    result = invoke("predict", "--run", run.directory, str(sets["mnist"]) + "[:6]", str(sets["in"]) + "[:4]",
+                    "--out", out, "--maps", maps, "--data-dir", data_dir, "--quiet", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10 and "maps in" in result.output
+    assert "reasons" in rows[0] and any(k.startswith("z:") for k in rows[0])
+    flagged = [r for r in rows if r["verdict"] == "-1"]
+    assert all(r["reasons"] for r in flagged if min(float(v) for k, v in r.items() if k.startswith("z:")) < -2)
+    m = np.load(maps / "maps.npy")
+    assert m.shape == (10, 8, 8) and m.dtype == np.float32 and np.isfinite(m).all()
+    pngs = sorted(maps.glob("*.png"))
+    assert len(pngs) == 10 and pngs[0].name.startswith("000000_")
+
+
+def test_predict_refuses_a_foreign_maps_folder(run, sets, data_dir, tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not mine")
+    result = invoke("predict", "--run", run.directory, str(sets["in"]) + "[:2]", "--out", tmp_path / "v.csv",
+                    "--maps", foreign, "--data-dir", data_dir, "--quiet")
+    assert result.exit_code == 1 and "Traceback" not in result.output and "name a new folder" in result.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"] and not (tmp_path / "v.csv").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium); "
+                                              ".ci/run installs it")
+def test_report_html_loads_in_a_browser_and_shows_every_image(run, sets, data_dir, tmp_path):
+    result = invoke("evaluate", "--run", run.directory, "--data-dir", data_dir, "--quiet", "--threads", "1",
+                    "--method", "pixel-knn", "--ood", str(sets["mnist"]))
+    assert result.exit_code == 0, result.output
+    page = run.directory / "pixel-knn" / "report.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = dom[dom.index("<body"):dom.index(">", dom.index("<body"))]
+    images = int(body.split('data-images="')[1].split('"')[0])
+    loaded = int(body.split('data-images-loaded="')[1].split('"')[0])
+    assert images == loaded and images >= 2 + 2 * 16  # two plots, two galleries of 16 tiles
+    assert 'data-errors="0"' in body
+    assert "Most atypical: " in dom and f"Most in-distribution-looking: {sets['mnist']}" in dom
+    assert json.loads((run.directory / "pixel-knn" / "evaluation.json").read_text())["methods"][0] == "pixel-knn"
