@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory, data_dir):
 
 def test_run_writes_every_output(run_dir):
     for name in ["config.json", "checkpoint/weights.safetensors", "checkpoint/checkpoint.json", "metrics.json",
-                 "metrics.csv", "report.md", "plots/roc.png", "plots/histograms.png", "plots/embedding.png",
+                 "metrics.csv", "report.md", "report.html", "plots/roc.png", "plots/histograms.png", "plots/embedding.png",
                  "detectors/msma-gmm/detector.json", "detectors/msma-knn/estimator/arrays.safetensors"]:
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -79,7 +79,7 @@ def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
                     *_ood_args(sets), "--threads", 1, "--quiet")
     assert result.exit_code == 0, result.output
     out = score_run.directory / "combined"
-    for name in ["metrics.json", "metrics.csv", "report.md", "evaluation.json", "plots/roc.png",
+    for name in ["metrics.json", "metrics.csv", "report.md", "report.html", "evaluation.json", "plots/roc.png",
                  "plots/scores.png"]:
         assert (out / name).is_file(), name
     assert (score_run.directory / "detectors" / "combined" / "detector.json").is_file()

@@ -41,7 +41,7 @@ def score_run(tmp_path_factory, data_dir, sets):
 
 
 def _check_outputs(directory, methods, ood):
-    for name in ["metrics.json", "metrics.csv", "report.md", "calibration.json", "evaluation.json",
+    for name in ["metrics.json", "metrics.csv", "report.md", "report.html", "calibration.json", "evaluation.json",
                  "plots/pairs.png", "plots/dual_roc.png", "plots/roc.png"]:
         assert (directory / name).is_file(), name
     metrics = json.loads((directory / "metrics.json").read_text())

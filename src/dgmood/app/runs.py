@@ -250,7 +250,7 @@ class Run:
         """The run's fitted detector of ``method`` (default: the run's), loaded from ``detectors/METHOD`` when it
         was fitted on this model, training data and settings; otherwise fitted on training images and saved."""
         from dgmood.methods.image_detector import ImageDetector
-        from dgmood.methods.recipes import build_detector, resolve_method
+        from dgmood.methods.recipes import build_detector, explainer_for, resolve_method
 
         recipe = resolve_method(method or self.config.method)
         config = config or self.method_config()
@@ -262,7 +262,9 @@ class Run:
                 det = ImageDetector.load(folder, self.device)
             except CheckpointError:
                 det = None  # damaged: fitted again below
-            if det is not None and {k: det.info.get(k) for k in expected} == json.loads(json.dumps(expected)):
+            maps_expected = explainer_for(recipe.name, self.config.model, config) is not None
+            if det is not None and {k: det.info.get(k) for k in expected} == json.loads(json.dumps(expected)) \
+                    and (det.explainer is not None) == maps_expected:  # fitted before maps existed: refit
                 det.cache, det.progress = self.cache, self.progress
                 return det
         det = build_detector(recipe.name, self.model, self.config.model, config, self.device, self.cache,

@@ -86,7 +86,6 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
         galleries: report.html's image galleries (:data:`dgmood.evaluation.html_report.Gallery`).
     """
     from dgmood.evaluation import report
-    from dgmood.evaluation.html_report import write_html
     from dgmood.utils.files import write_json
 
     directory = Path(directory)
@@ -100,7 +99,6 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
         f"Score of {main}, in-distribution vs each OOD set": report.plot_score_histograms(
             entry["in"], entry["ood"], directory / "plots" / "scores.png", label=f"{main} score"),
     }
-    report.write_report(directory, rows, plots, context, title=title)
-    write_html(directory / "report.html", title, context, rows, plots, galleries)
+    report.write_report(directory, rows, plots, context, title=title, galleries=galleries)
     return report.format_table(rows, "text")
 

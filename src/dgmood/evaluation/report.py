@@ -533,8 +533,11 @@ def write_report(
     plots: Mapping[str, str | Path],
     context: Mapping,
     title: str = "dgmood OOD evaluation report",
+    galleries: Sequence = (),
 ) -> Path:
-    """Atomically write ``run_dir/report.md``: context table, metrics table, embedded plots, metric legend.
+    """Atomically write ``run_dir/report.md`` (context table, metrics table, embedded plots, metric legend) and
+    the self-contained ``run_dir/report.html`` (the same, plots inlined, plus the image ``galleries``:
+    :mod:`dgmood.evaluation.html_report`).
 
     Args:
         run_dir: Run directory; plot links are made relative to it.
@@ -543,10 +546,13 @@ def write_report(
         context: Anything worth recording (training set, model checksum, σ grid, steps, throughput…),
             rendered as a two-column table in insertion order.
         title: First-level heading.
+        galleries: Image galleries of report.html (:data:`dgmood.evaluation.html_report.Gallery`).
 
     Returns:
         The path of ``report.md``.
     """
+    from dgmood.evaluation.html_report import write_html
+
     run_dir = Path(run_dir)
     sections = [f"# {title}"]
     if context:
@@ -554,4 +560,5 @@ def write_report(
     sections += ["## Metrics", format_table(rows, "markdown"), _EXPLANATION]
     if plots:
         sections += ["## Plots", _plots_section(run_dir, plots)]
+    write_html(run_dir / "report.html", title, context, rows, plots, galleries)
     return _atomic_write_text(run_dir / "report.md", "\n\n".join(sections) + "\n")

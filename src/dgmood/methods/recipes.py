@@ -20,7 +20,7 @@ from typing import Callable
 from dgmood.methods.image_detector import ImageDetector
 
 __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "METHODS", "MethodConfig", "Recipe", "build_detector",
-           "method_names", "resolve_method"]
+           "explainer_for", "method_names", "resolve_method"]
 
 COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
@@ -129,7 +129,7 @@ def _combined(kind: str, cfg: MethodConfig):
     return [make[f]() for f in cfg.features], estimator, True
 
 
-def _explainer(method: str, kind: str, cfg: MethodConfig):
+def explainer_for(method: str, kind: str, cfg: MethodConfig):
     """The anomaly map fitted with a detector: the score-field map on its score-norm σ levels for the combined
     detector (one more pass over at most 2,000 training images per σ at fit time); None for the others, whose
     explanations show the nearest-image difference when they keep a raw-pixel bank."""
@@ -209,4 +209,4 @@ def build_detector(method: str, model, kind: str, config: MethodConfig | None = 
     config = config or MethodConfig()
     statistics, estimator, log_scale = recipe.build(kind, config)
     return ImageDetector(model, statistics, estimator, recipe.name, log_scale, device, cache, progress,
-                         explainer=_explainer(recipe.name, kind, config))
+                         explainer=explainer_for(recipe.name, kind, config))
