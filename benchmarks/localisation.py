@@ -4,8 +4,8 @@ Usage: ``python benchmarks/localisation.py --run runs/demo [--n 500] [--size 6] 
 
 Pastes one ``size`` × ``size`` patch (uniform noise, and separately a bright square) at a random place into each
 of ``n`` in-distribution test images and prints the pixel-level AUROC of map values inside vs outside the patch
-for: the run's combined detector's score-field map (its saved σ levels), the same map per single σ level, and
-the raw-pixel difference to the nearest training image. Nothing here uses OOD data. Writes OUT/localisation.json.
+for: the run's combined detector's anomaly map, its score-field part alone and per σ level, and the raw-pixel
+difference to the nearest training image. Nothing here uses OOD data. Writes OUT/localisation.json.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ def main() -> None:
     det = run.image_detector("combined")
     explainer = det.explainer
     if explainer is None:
-        raise SystemExit(f"{args.run}'s combined detector has no score-field map; fit it again with this version")
+        raise SystemExit(f"{args.run}'s combined detector has no anomaly map; fit it again with this version")
     x = run.images(run.config.in_test)[:args.n]
     results = {}
     for kind in ("noise", "square"):
         patched, masks = paste_patches(x, args.size, np.random.default_rng(0), kind)
         e = det.explain(patched)
-        row = {"score-field map (detector's)": pixel_auroc(e.maps, masks),
-               "nearest-image difference": pixel_auroc(difference_map(patched, e.nearest), masks)}
+        row = {"anomaly map (eq. M5, the detector's)": pixel_auroc(e.maps, masks),
+               "its score-field part (eq. M3)": pixel_auroc(explainer.compute(det.model, patched), masks),
+               "nearest-image difference (eq. M4)": pixel_auroc(difference_map(patched, e.nearest), masks)}
         z = (log_norms(pixel_score_norms(det.model, patched, explainer.sigmas)) - explainer.mean_) / explainer.std_
         row.update({f"score-field map at sigma={s:.4g} only": pixel_auroc(z[:, i], masks)
                     for i, s in enumerate(explainer.sigmas)})

@@ -17,7 +17,7 @@ from dgmood.evaluation.localisation import paste_patches, pixel_auroc
 from dgmood.methods.image_detector import ImageDetector, reasons
 from dgmood.methods.recipes import MethodConfig, build_detector
 from dgmood.models.network import NetConfig
-from dgmood.statistics.maps import difference_map, pixel_score_norms, standardised_map
+from dgmood.statistics.maps import AnomalyMap, combined_map, difference_map, pixel_score_norms, standardised_map
 from dgmood.statistics.score_norms import score_norms
 
 SMALL = MethodConfig(sigmas=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003), features=("msma", "complexity", "knn"))
@@ -62,6 +62,21 @@ def test_standardised_and_difference_maps():
     n[0, :, 1, 2] = [0.3, 0.6, 0.9]
     d = difference_map(x, n)
     assert d.shape == (1, 4, 5) and d[0, 1, 2] == pytest.approx(0.6) and d.sum() == pytest.approx(0.6)
+
+
+def test_combined_map_averages_the_two_views_in_training_units():
+    m, d = np.full((1, 2, 2), 3.0), np.full((1, 2, 2), 0.5)
+    np.testing.assert_allclose(combined_map(m, d, np.full((2, 2), 0.3), np.full((2, 2), 0.1)), 0.5 * (3 + 2))
+
+
+def test_anomaly_map_difference_moments_leave_each_training_image_out(run):
+    from dgmood.statistics.knn import to_uint8
+
+    x = run.images(run.config.data)[:50]
+    amap = AnomalyMap((1.0, 0.3), max_fit=50).fit(run.model, x, bank=to_uint8(x))
+    assert amap.diff_mean_.shape == (8, 8) and (amap.diff_mean_ > 0).any()  # not each image's zero to itself
+    alone = AnomalyMap((1.0, 0.3), max_fit=50).fit(run.model, x)
+    assert alone.diff_mean_ is None and alone.compute(run.model, x[:3], nearest=x[:3]).shape == (3, 8, 8)
 
 
 def test_reasons_name_the_columns_furthest_out():
@@ -151,3 +166,15 @@ def test_report_html_loads_in_a_browser_and_shows_every_image(run, sets, data_di
     assert 'data-errors="0"' in body
     assert "Most atypical: " in dom and f"Most in-distribution-looking: {sets['mnist']}" in dom
     assert json.loads((run.directory / "pixel-knn" / "evaluation.json").read_text())["methods"][0] == "pixel-knn"
+
+
+def test_feature_knn_sees_layout_and_leaves_training_images_out(run):
+    from dgmood.statistics.feature_knn import FeatureKNN, mid_features
+
+    x = run.images(run.config.data)[:120]
+    feats = mid_features(run.model, x[:4], 0.1, batch_size=3)
+    assert feats.ndim == 2 and feats.shape[0] == 4 and feats.shape[1] % 4 == 0  # C·h·w, spatial layout kept
+    stat = FeatureKNN(dims=6, max_bank=120, k=1).fit(run.model, x)
+    assert stat.bank_.shape == (120, 6)
+    own, loo = stat.compute(run.model, x[:10]), stat.compute_training(run.model, x[:10])
+    assert (own < 1e-3).all() and (loo > own).all()  # each is in the bank; leave-one-out skips its own copy

@@ -188,7 +188,7 @@ def test_health_and_score_a_png(server, bundle, uploads):
     status, answer, headers = request(url, "POST", "/score", (uploads / "good.png").read_bytes(),
                                       {"Content-Type": "image/png"})
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert set(answer) == {"score", "in_distribution", "threshold", "detector", "model_sha256"}
+    assert set(answer) == {"score", "in_distribution", "reasons", "threshold", "detector", "model_sha256"}
     image = np.asarray(Image.open(uploads / "good.png"))[None]
     assert answer["score"] == pytest.approx(float(bundle.score(image)[0]), rel=1e-9, abs=1e-9)
     assert answer["in_distribution"] == (answer["score"] >= answer["threshold"])
@@ -211,8 +211,9 @@ def test_score_a_batch_as_npy_and_as_several_files(server, bundle, uploads):
     two = np.load(uploads / "two.npy")
     status, answer, _ = request(url, "POST", "/score", (uploads / "two.npy").read_bytes())
     assert status == 200 and answer["n"] == 2 and set(answer) == {
-        "scores", "in_distribution", "n", "threshold", "detector", "model_sha256"}
+        "scores", "in_distribution", "reasons", "n", "threshold", "detector", "model_sha256"}
     np.testing.assert_allclose(answer["scores"], bundle.score(two), rtol=1e-9)
+    assert len(answer["reasons"]) == 2 and all(isinstance(r, str) for r in answer["reasons"])
     assert answer["in_distribution"] == [s >= answer["threshold"] for s in answer["scores"]]
     boundary = "dgmoodbatch"
     part = lambda name: (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"  # noqa: E731

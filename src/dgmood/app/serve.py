@@ -11,10 +11,12 @@ Endpoints:
       curl -F file=@a.png -F file=@b.png http://127.0.0.1:8765/score
       curl --data-binary @batch.npy http://127.0.0.1:8765/score
 
-  200 → one image: ``{"score": float, "in_distribution": bool, "threshold": float, "detector": str,
-  "model_sha256": str}``; a batch of N: ``{"scores": [...], "in_distribution": [...], "n": N, "threshold",
-  "detector", "model_sha256"}`` (score higher = more in-distribution; in_distribution is score >= threshold;
-  a non-finite score is sent as null and counts as OOD). ``detector`` is the method's name.
+  200 → one image: ``{"score": float, "in_distribution": bool, "reasons": str, "threshold": float,
+  "detector": str, "model_sha256": str}``; a batch of N: ``{"scores": [...], "in_distribution": [...],
+  "reasons": [...], "n": N, "threshold", "detector", "model_sha256"}`` (score higher = more in-distribution;
+  in_distribution is score >= threshold; a non-finite score is sent as null and counts as OOD; reasons names
+  the statistics furthest from training, e.g. ``"knn +6.2σ; complexity -4.1σ"``, or is empty).
+  ``detector`` is the method's name.
 - ``GET /health`` → ``{"status": "ok"}``.
 
 Errors are JSON ``{"error": "..."}``: 400 not a PNG/JPEG/.npy, corrupt, truncated or empty body;
@@ -305,13 +307,14 @@ class ScoreHandler(BaseHTTPRequestHandler):
             x = det.prepare(images, "upload")  # dgmood.data's rules: dtype, shape, size, NaN/inf, range
         except DataError as err:
             raise UploadError(422, str(err)) from None
-        scores = [float(s) for s in det.score_samples(x)]  # one network pass at a time (the detector's lock)
+        explained = det.explain(x, maps=False)  # one network pass at a time (the detector's lock)
+        scores = [float(s) for s in explained.scores]
         ok = [math.isfinite(s) and s >= det.threshold for s in scores]
         sent = [s if math.isfinite(s) else None for s in scores]
         common = {"threshold": det.threshold, "detector": det.method, "model_sha256": det.model_sha256}
         if len(scores) == 1:
-            return {"score": sent[0], "in_distribution": ok[0], **common}
-        return {"scores": sent, "in_distribution": ok, "n": len(scores), **common}
+            return {"score": sent[0], "in_distribution": ok[0], "reasons": explained.reasons[0], **common}
+        return {"scores": sent, "in_distribution": ok, "reasons": explained.reasons, "n": len(scores), **common}
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         body = json.dumps(obj, allow_nan=False).encode()

@@ -35,7 +35,7 @@ import numpy as np
 
 from dgmood.data.datasets import prepare_images
 from dgmood.statistics.base import Statistic, as_columns, statistic_from_dict
-from dgmood.statistics.maps import ScoreFieldMap, difference_map, nearest_indices
+from dgmood.statistics.maps import AnomalyMap, difference_map, nearest_indices
 from dgmood.utils.errors import CheckpointError
 
 __all__ = ["FORMAT", "Explanation", "ImageDetector", "reasons"]
@@ -99,7 +99,7 @@ class ImageDetector:
         device: Torch device of the network passes.
         cache: A :class:`~dgmood.statistics.cache.StatisticCache` for named datasets, or None.
         progress: Progress bars on network passes.
-        explainer: An anomaly-map maker fitted with the detector (:class:`~dgmood.statistics.maps.ScoreFieldMap`),
+        explainer: The anomaly map fitted with the detector (:class:`~dgmood.statistics.maps.AnomalyMap`),
             or None.
 
     Attributes:
@@ -110,7 +110,7 @@ class ImageDetector:
     """
 
     def __init__(self, model, statistics: list[Statistic], estimator, method: str = "", log_scale: bool = True,
-                 device="cpu", cache=None, progress: bool = False, explainer: ScoreFieldMap | None = None):
+                 device="cpu", cache=None, progress: bool = False, explainer: AnomalyMap | None = None):
         self.model, self.statistics, self.estimator = model, list(statistics), estimator
         self.method, self.log_scale, self.device = method, log_scale, device
         self.cache, self.progress, self.explainer = cache, progress, explainer
@@ -198,8 +198,10 @@ class ImageDetector:
         self.columns_ = [c for s in self.statistics for c in s.columns(as_columns(values[s.name], False).shape[1])]
         self.column_mean_, self.column_std_ = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-12)
         if self.explainer is not None:
+            bank = self._bank()
             with self._lock:
-                self.explainer.fit(self.model, rows, self.device, self.progress)
+                self.explainer.fit(self.model, rows, self.device, self.progress,
+                                   bank=bank if bank is not None and len(bank) == len(x) else None)
         self.info = dict(self.info, n_train=int(len(x)), n_fit=int(len(rows)), fit_seconds=time.perf_counter() - start)
         return self
 
@@ -235,19 +237,22 @@ class ImageDetector:
         values = self.statistic_values(x)
         scores = self.score_values(values)
         z = self.deviations(values)
-        anomaly = None
+        anomaly = nearest = None
+        bank = self._bank()
+        if maps and bank is not None:
+            nearest = (bank[nearest_indices(bank, x)].astype(np.float32) / 255.0).reshape(x.shape)
+            anomaly = difference_map(x, nearest)
         if maps and self.explainer is not None:
             with self._lock:
-                anomaly = np.concatenate([self.explainer.compute(self.model, x[i:i + _CHUNK], self.device)
-                                          for i in range(0, len(x), _CHUNK)])
-        bank = next((s.bank_ for s in self.statistics if getattr(s, "bank_", None) is not None), None)
-        nearest = None
-        if bank is not None and maps:
-            nearest = (bank[nearest_indices(bank, x)].astype(np.float32) / 255.0).reshape(x.shape)
-            if anomaly is None:
-                anomaly = difference_map(x, nearest)
+                anomaly = np.concatenate([self.explainer.compute(
+                    self.model, x[i:i + _CHUNK], self.device, nearest=None if nearest is None else nearest[i:i + _CHUNK])
+                    for i in range(0, len(x), _CHUNK)])
         verdicts = np.where(np.isfinite(scores) & (scores >= self.threshold), 1, -1)
         return Explanation(scores, verdicts, z, reasons(z, self.columns_), anomaly, nearest, values)
+
+    def _bank(self) -> np.ndarray | None:
+        """The raw-pixel training bank (M, D) uint8 of the detector's k-NN statistic, or None."""
+        return next((s.bank_ for s in self.statistics if getattr(s, "bank_", None) is not None), None)
 
     def score(self, images) -> np.ndarray:
         """(N,) float64 scores of raw images (N, H, W[, C]) or (N, C, H, W), uint8 or [0, 1]; see :meth:`score_samples`."""
@@ -347,7 +352,7 @@ class ImageDetector:
             statistics.append(stat)
         explainer = None
         if meta.get("explainer"):
-            explainer = ScoreFieldMap(**{k: tuple(v) if isinstance(v, list) else v
+            explainer = AnomalyMap(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in meta["explainer"]["params"].items()})
             explainer.set_state(meta["explainer"].get("state", {}),
                                 {k[4:]: v for k, v in arrays.items() if k.startswith("map.")})

@@ -2,13 +2,15 @@
 
 Two maps, both (N, H, W) float32, higher = more anomalous:
 
-* the **score-field map** (:class:`ScoreFieldMap`): MSMA's score norm ‖σ s(x, σ)‖₂ split into its pixels
+* the **score-field map** (:class:`AnomalyMap` without a bank): MSMA's score norm ‖σ s(x, σ)‖₂ split into its pixels
   (:func:`pixel_score_norms`, eq. M1), put on a log scale, standardised per pixel and per σ by the training
   images' mean and spread there (eq. M2) and averaged over σ (eq. M3). A pixel that the score model pushes as
   hard as it pushes that pixel of training images scores ~0; a pasted patch, a stroke where training images
   have none, or background where they have content scores several standard deviations.
 * the **nearest-image difference** (:func:`difference_map`, eq. M4): the absolute difference, per pixel, to
   the nearest training image in raw pixels (the raw-pixel 1-NN's picture of "what is new here").
+
+:class:`AnomalyMap` standardises both by training images and averages them (eq. M5).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from dgmood.statistics.base import Statistic
 
-__all__ = ["ScoreFieldMap", "difference_map", "nearest_indices", "pixel_score_norms", "standardised_map"]
+__all__ = ["AnomalyMap", "combined_map", "difference_map", "log_norms", "nearest_indices", "pixel_moments", "pixel_score_norms",
+           "standardised_map"]
 
 LOG_FLOOR = 1e-6
 """Floor of per-pixel norms before the log (pixels where the score field vanishes)."""
@@ -54,6 +57,13 @@ def log_norms(norms: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(norms, LOG_FLOOR)).astype(np.float32)
 
 
+def pixel_moments(values: np.ndarray, min_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position mean and spread sqrt(var + min_std²) over the first axis of ``values`` (N, ...), float32."""
+    values = np.asarray(values, dtype=np.float64)
+    return (values.mean(axis=0).astype(np.float32),
+            np.sqrt(values.var(axis=0) + min_std**2).astype(np.float32))
+
+
 def standardised_map(log_a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Eqs. M2–M3: m(x)_hw = (1/L) Σ_l (log a_l(x)_hw − μ_l,hw) / ς_l,hw.
 
@@ -67,18 +77,22 @@ def standardised_map(log_a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np
     return ((log_a - mean) / std).mean(axis=1).astype(np.float32)
 
 
-def nearest_indices(bank: np.ndarray, images: np.ndarray) -> np.ndarray:
+def nearest_indices(bank: np.ndarray, images: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
     """Index (N,) of each image's nearest bank row in raw pixels (Euclidean).
 
     Args:
         bank: (M, D) uint8 training images (as the raw-pixel k-NN keeps them) or float in [0, 1].
         images: (N, C, H, W) or (N, D) in [0, 1].
+        exclude: (N,) a bank row to skip per image (the image itself: leave-one-out), or None.
     """
     from sklearn.neighbors import NearestNeighbors
 
     ref = bank.astype(np.float32) / 255.0 if bank.dtype == np.uint8 else np.asarray(bank, dtype=np.float32)
-    nn = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(ref)
-    return nn.kneighbors(np.asarray(images, dtype=np.float32).reshape(len(images), -1))[1][:, 0]
+    nn = NearestNeighbors(n_neighbors=1 if exclude is None else 2, algorithm="brute").fit(ref)
+    idx = nn.kneighbors(np.asarray(images, dtype=np.float32).reshape(len(images), -1))[1]
+    if exclude is None:
+        return idx[:, 0]
+    return np.where(idx[:, 0] == np.asarray(exclude), idx[:, 1], idx[:, 0])
 
 
 def difference_map(images: np.ndarray, nearest: np.ndarray) -> np.ndarray:
@@ -90,36 +104,65 @@ def difference_map(images: np.ndarray, nearest: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(images, np.float32) - np.asarray(nearest, np.float32)).mean(axis=1)
 
 
-class ScoreFieldMap(Statistic):
-    """The score-field anomaly map (eqs. M1–M3), fitted on training images: (N, H, W) float32.
+def combined_map(score_map: np.ndarray, difference: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Eq. M5: ½ (m(x) + (d(x) − μ_d) / ς_d), the score-field map and the nearest-image difference each in
+    training standard deviations (per-pixel moments μ_d, ς_d of training images' leave-one-out differences),
+    equally weighted. Shapes (N, H, W); moments (H, W)."""
+    return (0.5 * (score_map + (difference - mean) / std)).astype(np.float32)
 
-    ``fit`` keeps the per-pixel mean ``mean_`` and spread ``std_`` (L, H, W) of the training images' log norms;
-    the spread is sqrt(var + ``min_std``²) so that pixels where every training image agrees (a black background)
-    do not turn sensor noise into huge deviations.
+
+class AnomalyMap(Statistic):
+    """The anomaly map of an explained verdict, fitted on training images: (N, H, W) float32, higher = more
+    anomalous, in training standard deviations.
+
+    The score-field map (eqs. M1–M3) at ``sigmas``; with a raw-pixel bank (the detector's k-NN training images)
+    also the nearest-image difference (eq. M4), the two averaged (eq. M5). ``fit`` keeps the per-pixel mean
+    ``mean_`` and spread ``std_`` (L, H, W) of the training images' log norms and, with a bank, ``diff_mean_`` /
+    ``diff_std_`` (H, W) of their leave-one-out nearest-image differences; spreads are sqrt(var + floor²) so
+    pixels where every training image agrees (a black background) do not turn sensor noise into huge deviations.
+
+    Measured (``benchmarks/localisation.py``, docs/results.md): σ below 0.1 localise a pasted patch poorly
+    (pixel noise dominates the per-pixel field there), so the recipes give it the levels from 0.1 up.
 
     Args:
-        sigmas: Noise levels of the map (the combined detector's score-norm levels).
-        max_fit: At most this many training images are used for the per-pixel statistics.
-        min_std: Floor of the spread, log units.
+        sigmas: Noise levels of the score-field part.
+        max_fit: At most this many training images are used for the per-pixel moments.
+        min_std: Floor of the score-field spread, log units.
+        diff_min_std: Floor of the difference's spread, pixel units.
         batch_size: Images per network call.
     """
 
-    name = "score_map"
-    fitted = ("mean_", "std_")
+    name = "anomaly_map"
+    fitted = ("mean_", "std_", "diff_mean_", "diff_std_")
 
-    def __init__(self, sigmas=(0.01, 0.1, 1.0), max_fit=2000, min_std=0.1, batch_size=128):
+    def __init__(self, sigmas=(1.0, 0.3, 0.1), max_fit=2000, min_std=0.1, diff_min_std=0.05, batch_size=128):
         self.sigmas = tuple(float(s) for s in sigmas)
-        self.max_fit, self.min_std, self.batch_size = int(max_fit), float(min_std), int(batch_size)
-        self.mean_ = self.std_ = None
+        self.max_fit, self.min_std, self.diff_min_std = int(max_fit), float(min_std), float(diff_min_std)
+        self.batch_size = int(batch_size)
+        self.mean_ = self.std_ = self.diff_mean_ = self.diff_std_ = None
 
-    def fit(self, model, images, device="cpu", progress=False):
-        log_a = log_norms(pixel_score_norms(model, images[:self.max_fit], self.sigmas, self.batch_size, device))
-        self.mean_ = log_a.mean(axis=0)
-        self.std_ = np.sqrt(log_a.var(axis=0) + self.min_std**2).astype(np.float32)
+    def is_fitted(self) -> bool:
+        return self.mean_ is not None
+
+    def fit(self, model, images, device="cpu", progress=False, bank: np.ndarray | None = None):
+        """Per-pixel moments from the first ``max_fit`` training images; ``bank``: (M, D) uint8 raw-pixel bank
+        whose first rows are those images (as the detector's k-NN keeps them), for the difference's moments."""
+        x = images[:self.max_fit]
+        log_a = log_norms(pixel_score_norms(model, x, self.sigmas, self.batch_size, device))
+        self.mean_, self.std_ = pixel_moments(log_a, self.min_std)
+        self.diff_mean_ = self.diff_std_ = None
+        if bank is not None:
+            nearest = bank[nearest_indices(bank, x, exclude=np.arange(len(x)))].astype(np.float32) / 255.0
+            self.diff_mean_, self.diff_std_ = pixel_moments(difference_map(x, nearest.reshape(x.shape)),
+                                                            self.diff_min_std)
         return self
 
-    def compute(self, model, images, device="cpu", progress=False):
+    def compute(self, model, images, device="cpu", progress=False, nearest: np.ndarray | None = None):
+        """The map of ``images`` (N, C, H, W); ``nearest``: their nearest training images (N, C, H, W)."""
         if not self.is_fitted():
-            raise ValueError("ScoreFieldMap is not fitted; call fit(model, train_images) first")
+            raise ValueError("AnomalyMap is not fitted; call fit(model, train_images) first")
         log_a = log_norms(pixel_score_norms(model, images, self.sigmas, self.batch_size, device))
-        return standardised_map(log_a, self.mean_, self.std_)
+        score_map = standardised_map(log_a, self.mean_, self.std_)
+        if nearest is None or self.diff_mean_ is None:
+            return score_map
+        return combined_map(score_map, difference_map(images, nearest), self.diff_mean_, self.diff_std_)
