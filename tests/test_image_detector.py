@@ -22,6 +22,8 @@ from dgmood.models.flow import FlowConfig
 from dgmood.models.network import NetConfig
 from dgmood.statistics.cache import StatisticCache
 from dgmood.statistics.complexity import Complexity
+from dgmood.statistics.feature_knn import FeatureKNN
+from dgmood.statistics.field import PixelDeviation, ScoreFieldDeviation
 from dgmood.statistics.flipd import FLIPD
 from dgmood.statistics.knn import PixelKNN
 from dgmood.statistics.likelihood import JacobianLID, LogLikelihood
@@ -67,6 +69,10 @@ STATISTICS = {
     "flipd": ("score", lambda: FLIPD(**SMALL_LPCA), True),
     "reconstruction": ("score", lambda: Reconstruction((0.1, 0.3), steps=2), True),
     "knn": ("score", PixelKNN, True),
+    # per-pixel logs of small norms carry the network's float32 batch-to-batch rounding (~1e-5 relative)
+    "field": ("score", lambda: ScoreFieldDeviation((1.0, 0.1, 0.01), max_fit=100), False),
+    "pixels": ("score", PixelDeviation, True),
+    "fknn": ("score", lambda: FeatureKNN(dims=8, max_bank=300), True),
     "log_likelihood-flow": ("flow", lambda: LogLikelihood("flow"), True),
     "jacobian_lid": ("flow", lambda: JacobianLID(**SMALL_LPCA), True),
     "log_likelihood-diffusion": ("score", lambda: LogLikelihood("diffusion", solver="euler", probes=1), False),

@@ -332,7 +332,8 @@ DEFAULT_BASELINES = "msma-knn,pixel-knn"
 @click.option("--baselines", default=DEFAULT_BASELINES,
               help="Methods scored beside --method (combined, msma-*, pixel-knn), comma-separated; 'none' for none.")
 @click.option("--features", "combined_features", default=",".join(COMBINED_FEATURES),
-              help="combined: statistics to use, comma-separated.")
+              help="combined: statistics to use, comma-separated (also available: field, pixels: the per-pixel "
+                   "layout energies of the score field and of the raw pixels).")
 @click.option("--lens", type=click.Choice(["flow", "diffusion"]), default=None, show_default=False,
               help="dual-threshold: the model seen as a density [default: flow for a flow run, diffusion for a score run].")
 @click.option("--lid", type=click.Choice(["jacobian", "flipd", "normal-bundle"]), default=None, show_default=False,

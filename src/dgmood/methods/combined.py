@@ -27,14 +27,15 @@ from typing import Callable
 
 import numpy as np
 
-from dgmood.methods.recipes import COMBINED_FEATURES, MethodConfig
+from dgmood.methods.recipes import DEFAULT_COMBINED_FEATURES, MethodConfig
 from dgmood.statistics.base import as_columns
 
 __all__ = ["FEATURES", "CombinedConfig", "CombinedEvaluation", "evaluate_combined", "to_columns",
            "write_combined_outputs"]
 
-FEATURES = COMBINED_FEATURES
-"""Statistics the combined detector can use, in column order."""
+FEATURES = DEFAULT_COMBINED_FEATURES
+"""The combined detector's default statistics, in column order (:data:`~dgmood.methods.recipes.COMBINED_FEATURES`
+lists every one it can use)."""
 
 CombinedConfig = MethodConfig
 """Settings of the combined detector (the recipes' :class:`~dgmood.methods.recipes.MethodConfig`)."""

@@ -22,10 +22,16 @@ from dgmood.methods.image_detector import ImageDetector
 __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "METHODS", "MethodConfig", "Recipe", "build_detector",
            "explainer_for", "method_names", "resolve_method"]
 
-COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
 
+DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")
+"""The combined detector's statistics unless told otherwise."""
+
 DEFAULT_METHOD = "combined"
+
+MAP_SIGMA_MIN = 0.1
+"""Smallest σ of the anomaly map's score field (below it pixel noise dominates; docs/results.md)."""
 
 
 def _msma_grid() -> tuple[float, ...]:
@@ -49,6 +55,7 @@ class MethodConfig:
         reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps
             (1: one Tweedie step x̃ + σ² s(x̃, σ); measured within 0.005 AUROC of 5 steps at a fifth of the cost).
         combined_probes: Hutchinson probes of the combined detector's FLIPD (1 measured as good as 4).
+        feature_knn_sigma: Noise level of the network features of the feature k-NN (``fknn``).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -56,14 +63,15 @@ class MethodConfig:
     """
 
     sigmas: tuple[float, ...] = field(default_factory=lambda: _msma_grid())
-    batch_size: int = 500
-    features: tuple[str, ...] = COMBINED_FEATURES
+    batch_size: int = 256
+    features: tuple[str, ...] = DEFAULT_COMBINED_FEATURES
     knn_k: int = 5
     knn_weight: float = 1.0
     reconstruction_sigmas: tuple[float, ...] = (0.1, 0.3)
     combined_sigma_stride: int = 2
     reconstruction_steps: int = 1
     combined_probes: int = 1
+    feature_knn_sigma: float = 0.1
     max_components: int = 10
     probes: int = 4
     seed: int = 0
@@ -113,6 +121,8 @@ def _score_norms(cfg: MethodConfig):
 def _combined(kind: str, cfg: MethodConfig):
     from dgmood.detectors.estimators import CombinedDetector
     from dgmood.statistics.complexity import Complexity
+    from dgmood.statistics.feature_knn import FeatureKNN
+    from dgmood.statistics.field import PixelDeviation, ScoreFieldDeviation
     from dgmood.statistics.flipd import FLIPD
     from dgmood.statistics.knn import PixelKNN
     from dgmood.statistics.reconstruction import Reconstruction
@@ -120,9 +130,11 @@ def _combined(kind: str, cfg: MethodConfig):
 
     make = {
         "msma": lambda: ScoreNorms(cfg.sigmas[::cfg.combined_sigma_stride], cfg.batch_size), "complexity": Complexity,
-        "flipd": lambda: FLIPD(probes=cfg.combined_probes, seed=cfg.seed),
-        "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed),
-        "knn": lambda: PixelKNN(cfg.knn_k),
+        "flipd": lambda: FLIPD(probes=cfg.combined_probes, seed=cfg.seed, batch_size=cfg.batch_size),
+        "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed,
+                                                 cfg.batch_size),
+        "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
+        "fknn": lambda: FeatureKNN(cfg.feature_knn_sigma, k=cfg.knn_k, batch_size=cfg.batch_size), "knn": lambda: PixelKNN(cfg.knn_k),
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
                                  max_components=cfg.max_components, acceptance=cfg.acceptance)
@@ -130,14 +142,16 @@ def _combined(kind: str, cfg: MethodConfig):
 
 
 def explainer_for(method: str, kind: str, cfg: MethodConfig):
-    """The anomaly map fitted with a detector: the score-field map on its score-norm σ levels for the combined
-    detector (one more pass over at most 2,000 training images per σ at fit time); None for the others, whose
-    explanations show the nearest-image difference when they keep a raw-pixel bank."""
-    from dgmood.statistics.maps import ScoreFieldMap
+    """The anomaly map fitted with a detector: for the combined detector, the score field at its score-norm σ
+    levels from :data:`MAP_SIGMA_MIN` up averaged with the nearest-image difference (one more pass over at most
+    2,000 training images per σ at fit time); None for the others, whose explanations show the nearest-image
+    difference when they keep a raw-pixel bank."""
+    from dgmood.statistics.maps import AnomalyMap
 
     if kind != "score" or method != "combined":
         return None
-    return ScoreFieldMap(cfg.sigmas[::cfg.combined_sigma_stride], batch_size=cfg.batch_size)
+    levels = [s for s in cfg.sigmas[::cfg.combined_sigma_stride] if s >= MAP_SIGMA_MIN] or [max(cfg.sigmas)]
+    return AnomalyMap(levels, batch_size=min(cfg.batch_size, 256))
 
 
 def _msma(name: str):

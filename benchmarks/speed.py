@@ -1,0 +1,140 @@
+"""Speed benchmark of the default detector (issue 11), every figure measured side by side in one run.
+
+Usage: ``python benchmarks/speed.py --run runs/demo [--n 10000] [--threads 2] [--out runs/bench-speed]``
+(``make bench`` runs it on the demo's model).
+
+Prints and writes ``OUT/speed.json`` and ``OUT/speed.md``:
+- fp32 matmul GFLOP/s (2048 × 2048) and the score network's forward GFLOP/s at the batch size the statistics
+  use (FLOPs counted by ``torch.utils.flop_counter``), and their ratio;
+- training images/s (forward + backward + Adam, batch 128) of the run's architecture;
+- the default detector's time per image, statistic by statistic, on the first ``--n`` MNIST test images;
+- wall time of ``dgmood predict`` on those images in a fresh process (start, model load, scoring, CSV), for the
+  default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dgmood.app.runs import Run  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    """fp32 GFLOP/s of an n × n matmul (2n³ FLOPs each) after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def network_gflops(model, batch: int = 500, reps: int = 5) -> tuple[float, float]:
+    """(GFLOP/s, GFLOP per image) of the score network's forward pass on a batch of random images."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, sigma = torch.rand(batch, *model.config.image_shape), torch.full((batch,), 0.1)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model.scaled_score(x, sigma)
+        flops = counter.get_total_flops()
+        start = time.perf_counter()
+        for _ in range(reps):
+            model.scaled_score(x, sigma)
+        seconds = (time.perf_counter() - start) / reps
+    return flops / seconds / 1e9, flops / batch / 1e9
+
+
+def train_images_per_s(config, batch: int = 128, steps: int = 15) -> float:
+    """Images/s of DSM training steps (forward + backward + Adam) after 3 warm-up steps."""
+    from dgmood.models.losses import dsm_loss
+    from dgmood.models.network import ScoreNet
+
+    model = ScoreNet(config)
+    opt = torch.optim.Adam(model.parameters())
+    x, sigma = torch.rand(batch, *config.image_shape), torch.rand(batch) + 0.01
+    for i in range(steps + 3):
+        if i == 3:
+            start = time.perf_counter()
+        loss = dsm_loss(model, x, sigma).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def statistic_ms(detector, images: np.ndarray) -> dict[str, float]:
+    """Milliseconds per image of each statistic of ``detector`` on ``images`` (uncached)."""
+    out = {}
+    for stat in detector.statistics:
+        start = time.perf_counter()
+        stat.compute(detector.model, images, detector.device, False)
+        out[stat.name] = 1e3 * (time.perf_counter() - start) / len(images)
+    return out
+
+
+def timed_predict(run_dir: Path, spec: str, method: str, out: Path, threads: int) -> dict:
+    """Wall seconds and peak RSS (MB) of ``dgmood predict`` in a fresh process."""
+    cmd = [sys.executable, "-m", "dgmood", "predict", "--run", str(run_dir), spec, "--out", str(out),
+           "--method", method, "--threads", str(threads), "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    text = proc.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"dgmood predict failed:\n{text}")
+    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "summary": text.strip().splitlines()[-1]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--n", type=int, default=10000, help="MNIST test images scored")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = Run(args.run, progress=False)
+    detector = run.image_detector()  # fitted (and saved) first when missing, so predict below only loads it
+    batch = next((s.batch_size for s in detector.statistics if hasattr(s, "batch_size")), 500)
+    result = {"threads": args.threads, "n": args.n, "matmul_gflops": matmul_gflops()}
+    result["network_gflops"], result["network_gflop_per_image"] = network_gflops(run.model, batch)
+    result["network_fraction_of_matmul"] = result["network_gflops"] / result["matmul_gflops"]
+    result["train_images_per_s"] = train_images_per_s(run.config.net)
+    spec = f"mnist:test[:{args.n}]"
+    result["statistic_ms"] = statistic_ms(detector, run.images(f"mnist:test[:{min(args.n, 2000)}]"))
+    result["predict"] = {m: timed_predict(args.run, spec, m, args.out / f"{m}.csv", args.threads)
+                         for m in (run.config.method, "pixel-knn")}
+    result["predict_ratio"] = result["predict"][run.config.method]["seconds"] / result["predict"]["pixel-knn"]["seconds"]
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Speed ({args.threads} threads, {args.run})", "",
+        f"- fp32 matmul 2048²: {result['matmul_gflops']:.1f} GFLOP/s; score network forward (batch {batch}): "
+        f"{result['network_gflops']:.1f} GFLOP/s = {100 * result['network_fraction_of_matmul']:.0f} % of it "
+        f"({1e3 * result['network_gflop_per_image']:.1f} MFLOP per image and σ)",
+        f"- training: {result['train_images_per_s']:.0f} images/s (batch 128)",
+        "- statistics of the default detector, ms per image: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["statistic_ms"].items())
+        + f" (total {sum(result['statistic_ms'].values()):.2f})",
+        *(f"- `dgmood predict --method {m}` on {spec}: {p['seconds']:.1f} s wall, peak {p['peak_mb']:.0f} MB"
+          for m, p in result["predict"].items()),
+        f"- ratio default / pixel-knn: {result['predict_ratio']:.2f}",
+    ]
+    (args.out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
