@@ -46,6 +46,9 @@ test: $(BIN)/.installed-test
 bench: $(BIN)/.installed-test
 	$(BIN)/pip install -e ".[test,bench]" >/dev/null
 	$(BIN)/python benchmarks/bench.py --threads $(THREADS) --ablate
+	@test -f $(DEMO_RUN)/checkpoint/checkpoint.json || $(MAKE) demo
+	$(BIN)/python benchmarks/speed.py --run $(DEMO_RUN) --threads $(THREADS)
+	$(BIN)/python benchmarks/localisation.py --run $(DEMO_RUN) --threads $(THREADS)
 
 # Dual threshold (issue 3): trains what is missing (flows 2500 steps, score models 1500 and 4000 steps; the
 # 1500-step FashionMNIST one is the demo's), then evaluates both lenses; statistics are cached per run.
