@@ -26,6 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import train_throughput  # noqa: E402
+
 from dgmood.app.runs import Run  # noqa: E402
 
 
@@ -53,24 +56,6 @@ def network_gflops(model, batch: int = 500, reps: int = 5) -> tuple[float, float
             model.scaled_score(x, sigma)
         seconds = (time.perf_counter() - start) / reps
     return flops / seconds / 1e9, flops / batch / 1e9
-
-
-def train_images_per_s(config, batch: int = 128, steps: int = 15) -> float:
-    """Images/s of DSM training steps (forward + backward + Adam) after 3 warm-up steps."""
-    from dgmood.models.losses import dsm_loss
-    from dgmood.models.network import ScoreNet
-
-    model = ScoreNet(config)
-    opt = torch.optim.Adam(model.parameters())
-    x, sigma = torch.rand(batch, *config.image_shape), torch.rand(batch) + 0.01
-    for i in range(steps + 3):
-        if i == 3:
-            start = time.perf_counter()
-        loss = dsm_loss(model, x, sigma).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return batch * steps / (time.perf_counter() - start)
 
 
 def statistic_ms(detector, images: np.ndarray) -> dict[str, float]:
@@ -112,7 +97,7 @@ def main(argv=None) -> None:
     result = {"threads": args.threads, "n": args.n, "matmul_gflops": matmul_gflops()}
     result["network_gflops"], result["network_gflop_per_image"] = network_gflops(run.model, batch)
     result["network_fraction_of_matmul"] = result["network_gflops"] / result["matmul_gflops"]
-    result["train_images_per_s"] = train_images_per_s(run.config.net)
+    result["train_images_per_s"] = train_throughput(run.config.net)
     spec = f"mnist:test[:{args.n}]"
     result["statistic_ms"] = statistic_ms(detector, run.images(f"mnist:test[:{min(args.n, 2000)}]"))
     result["predict"] = {m: timed_predict(args.run, spec, m, args.out / f"{m}.csv", args.threads)

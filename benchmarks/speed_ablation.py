@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import SHIFTS  # noqa: E402
+from speed import statistic_ms as ms_per_image  # noqa: E402
 
 from dgmood.app.runs import Run  # noqa: E402
 from dgmood.evaluation.evaluate import evaluate_detectors  # noqa: E402
@@ -41,15 +42,6 @@ def sets(run: Run, n: int) -> tuple[str, dict]:
                                                          "constant[:500]"]}
     loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in SHIFTS.items()}
     return in_spec, loaders
-
-
-def ms_per_image(detector, images: np.ndarray) -> dict[str, float]:
-    out = {}
-    for stat in detector.statistics:
-        start = time.perf_counter()
-        stat.compute(detector.model, images, detector.device, False)
-        out[stat.name] = 1e3 * (time.perf_counter() - start) / len(images)
-    return out
 
 
 def main(argv=None) -> None:
