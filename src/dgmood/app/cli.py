@@ -523,7 +523,7 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
     "complexity -4.1σ"), each statistic's raw values and each column's deviation from training (z:COLUMN).
     """
     from dgmood.app.loading import load
-    from dgmood.app.predict import predict, write_verdicts
+    from dgmood.app.predict import predict
 
     _threads(threads)
     if (run_dir / "config.json").is_file():  # a run: its detector, fitted first when missing or stale
@@ -535,10 +535,8 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
     else:
         detector = load(run_dir, method, device)
     detector.progress = not quiet
-    rows = predict(detector, list(images), data_dir, maps_dir)
-    write_verdicts(out, rows, detector)
-    flagged = sum(r["verdict"] == -1 for r in rows)
-    click.echo(f"{flagged} of {len(rows)} images flagged out-of-distribution ({100 * flagged / len(rows):.1f} %) "
+    n, flagged = predict(detector, list(images), out, data_dir, maps_dir)
+    click.echo(f"{flagged} of {n} images flagged out-of-distribution ({100 * flagged / max(n, 1):.1f} %) "
                f"by {detector.method} (threshold {detector.threshold:.4g}); verdicts in {out}"
                + (f"; maps in {maps_dir}" if maps_dir else ""))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import numpy as np
 
 from dgmood.data.datasets import DataError
 
-__all__ = ["MapWriter", "predict", "write_verdicts"]
+__all__ = ["MapWriter", "predict"]
 
 CHUNK = 2048
 """Images explained at a time: bounded memory for any number of images."""
@@ -96,50 +95,56 @@ def _rows(detector, spec: str, sources: list[str], start: int, e) -> list[dict]:
             for i in range(len(e.scores))]
 
 
-def predict(detector, specs: list[str], data_dir=None, maps_dir: Path | None = None) -> list[dict]:
-    """One row per image of every spec: source, set, index, score, verdict, threshold, reasons, each statistic's
-    raw values and each feature column's deviation from training (``z:COLUMN``, training standard deviations).
+def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path | None = None) -> tuple[int, int]:
+    """Write one CSV row per image of every spec to ``out`` and return (images, flagged).
+
+    Columns: source, set, index, score, verdict, threshold, reasons, each statistic's raw values and each
+    feature column's deviation from training (``z:COLUMN``, training standard deviations). Rows are written as
+    each chunk of :data:`CHUNK` images is scored, into a temporary file renamed over ``out`` at the end (a crash
+    leaves no half CSV), so memory stays bounded by one chunk for any number of images.
 
     Args:
         detector: A fitted :class:`~dgmood.methods.image_detector.ImageDetector`.
         specs: Dataset specs.
+        out: The CSV's path.
         data_dir: Folder of the named sets' IDX files.
         maps_dir: Also write anomaly maps and tiles there (:class:`MapWriter`).
 
     Raises:
         DataError: a set cannot be read or does not fit the model (nothing is scored or written then).
     """
+    from dgmood.utils.files import atomic_write
+
     loaded = _load_all(specs, detector.image_shape, data_dir)
     writer = None
     if maps_dir is not None:
         writer = MapWriter(maps_dir, sum(len(x) for _, x, _ in loaded), detector.image_shape[1:])
-    rows = []
+    counts = [0, 0]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            table = None
+            for spec, images, sources in loaded:
+                for start in range(0, len(images), CHUNK):
+                    chunk = images[start:start + CHUNK]
+                    e = detector.explain(chunk, maps=writer is not None)
+                    rows = _rows(detector, spec, sources, start, e)
+                    if table is None:
+                        table = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+                        table.writeheader()
+                    table.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                    for r in rows)
+                    counts[0] += len(rows)
+                    counts[1] += int(np.sum(e.verdicts == -1))
+                    if writer is not None:
+                        writer.add(detector, chunk, e, sources[start:start + CHUNK])
+
     try:
-        for spec, images, sources in loaded:
-            for start in range(0, len(images), CHUNK):
-                chunk = images[start:start + CHUNK]
-                e = detector.explain(chunk, maps=writer is not None)
-                rows += _rows(detector, spec, sources, start, e)
-                if writer is not None:
-                    writer.add(detector, chunk, e, sources[start:start + CHUNK])
+        atomic_write(Path(out), write)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     if writer is not None:
         writer.finish()
-    return rows
-
-
-def write_verdicts(path: Path, rows: list[dict], detector) -> Path:
-    """The rows as CSV at ``path``, written atomically (a crash leaves no half file)."""
-    from dgmood.utils.files import atomic_write
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    return counts[0], counts[1]

@@ -252,7 +252,8 @@ class ImageDetector:
 
     def _bank(self) -> np.ndarray | None:
         """The raw-pixel training bank (M, D) uint8 of the detector's k-NN statistic, or None."""
-        return next((s.bank_ for s in self.statistics if getattr(s, "bank_", None) is not None), None)
+        return next((s.bank_ for s in self.statistics
+                     if getattr(s, "bank_", None) is not None and s.bank_.dtype == np.uint8), None)
 
     def score(self, images) -> np.ndarray:
         """(N,) float64 scores of raw images (N, H, W[, C]) or (N, C, H, W), uint8 or [0, 1]; see :meth:`score_samples`."""

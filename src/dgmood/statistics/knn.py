@@ -15,18 +15,17 @@ def knn_distance(bank: np.ndarray, queries: np.ndarray, k: int, exclude_self: bo
     """Euclidean distance in raw pixels from each query to its k-th nearest image of ``bank``, shape (N,).
 
     Args:
-        bank: Reference images (M, C, H, W) or (M, D), pixel scale.
+        bank: Reference images (M, C, H, W) or (M, D), pixel scale (uint8 rows: levels / 255).
         queries: Images (N, C, H, W) or (N, D) of the same size.
         k: Which neighbour.
         exclude_self: The queries are rows of ``bank``: skip the zero distance to themselves (leave-one-out).
     """
-    from sklearn.neighbors import NearestNeighbors
+    from dgmood.statistics.neighbours import kneighbors
 
     kk = k + int(exclude_self)
     if len(bank) < kk:
         raise ValueError(f"the k-NN term needs at least {kk} training images, got {len(bank)}")
-    nn = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(bank.reshape(len(bank), -1))
-    return nn.kneighbors(queries.reshape(len(queries), -1))[0][:, -1]
+    return kneighbors(bank, queries, kk)[0][:, -1]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -65,7 +64,7 @@ class PixelKNN(Statistic):
     def _bank(self) -> np.ndarray:
         if self.bank_ is None:
             raise ValueError("PixelKNN is not fitted; call fit(model, train_images) first")
-        return self.bank_.astype(np.float32) / 255.0
+        return self.bank_
 
     def compute(self, model, images, device="cpu", progress=False):
         return knn_distance(self._bank(), np.asarray(images, dtype=np.float32), self.k).astype(np.float64)

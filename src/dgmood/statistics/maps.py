@@ -85,14 +85,9 @@ def nearest_indices(bank: np.ndarray, images: np.ndarray, exclude: np.ndarray | 
         images: (N, C, H, W) or (N, D) in [0, 1].
         exclude: (N,) a bank row to skip per image (the image itself: leave-one-out), or None.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from dgmood.statistics.neighbours import kneighbors
 
-    ref = bank.astype(np.float32) / 255.0 if bank.dtype == np.uint8 else np.asarray(bank, dtype=np.float32)
-    nn = NearestNeighbors(n_neighbors=1 if exclude is None else 2, algorithm="brute").fit(ref)
-    idx = nn.kneighbors(np.asarray(images, dtype=np.float32).reshape(len(images), -1))[1]
-    if exclude is None:
-        return idx[:, 0]
-    return np.where(idx[:, 0] == np.asarray(exclude), idx[:, 1], idx[:, 0])
+    return kneighbors(bank, images, 1, exclude=exclude)[1][:, 0]
 
 
 def difference_map(images: np.ndarray, nearest: np.ndarray) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""The matrix-product neighbour search against scikit-learn's brute NearestNeighbors (the reference)."""
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from dgmood.data.datasets import load_images
+from dgmood.statistics.knn import to_uint8
+from dgmood.statistics.neighbours import kneighbors
+
+
+@pytest.fixture(scope="module")
+def images(data_dir):
+    x = load_images("fashion-mnist[:3000]", data_dir)
+    return to_uint8(x[:2500]), x[2500:].reshape(500, -1)
+
+
+def _reference(bank, queries, k):
+    ref = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(bank)
+    return ref.kneighbors(queries)
+
+
+@pytest.mark.parametrize("chunk,bank_chunk", [(512, 16384), (37, 300)])
+def test_distances_and_indices_match_sklearn_on_real_images(images, chunk, bank_chunk):
+    bank, queries = images
+    d, i = kneighbors(bank, queries, 5, chunk=chunk, bank_chunk=bank_chunk)
+    ref_d, ref_i = _reference(bank.astype(np.float32) / 255.0, queries, 5)
+    assert d.shape == i.shape == (500, 5)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-4)
+    assert (i == ref_i).mean() > 0.99  # ties between equally near training images may order differently
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
+def test_leave_one_out_skips_the_query_itself(images):
+    bank, _ = images
+    rows = bank[:200].astype(np.float32) / 255.0
+    d, i = kneighbors(bank, rows, 3, exclude=np.arange(200), bank_chunk=700)
+    ref_d, _ = _reference(bank.astype(np.float32) / 255.0, rows, 4)
+    assert not np.any(i == np.arange(200)[:, None])
+    np.testing.assert_allclose(d, ref_d[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_float_banks_and_image_shaped_queries(images):
+    bank, queries = images
+    fbank = bank[:300].astype(np.float32) / 255.0
+    d, _ = kneighbors(fbank, queries.reshape(500, 1, 28, 28), 1)
+    np.testing.assert_allclose(d, _reference(fbank, queries, 1)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_sizes_are_one_line_errors(images):
+    bank, queries = images
+    with pytest.raises(ValueError, match="values each"):
+        kneighbors(bank, queries[:, :10], 1)
+    with pytest.raises(ValueError, match="at least 6"):
+        kneighbors(bank[:5], queries, 5, exclude=np.zeros(500, int))
