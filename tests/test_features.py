@@ -131,6 +131,27 @@ def test_cache_misses_on_other_model_grid_or_dataset(tmp_path):
     assert FeatureCache(tmp_path, "sha-a").load("other", sigmas) is None
 
 
+def test_cache_computes_each_sigma_level_once_across_grids(tmp_path):
+    # the combined detector's five levels are every other one of MSMA's ten: whichever grid comes first,
+    # the other reads the levels it shares and computes only the rest
+    model, images = GaussianScaledScore(), _images()
+    full = geometric_sigmas()
+    cache = FeatureCache(tmp_path, "sha-a")
+    half = cache.get("ds", full[::2], lambda: images, model, batch_size=4, progress=False)
+    calls = model.calls
+    both = cache.get("ds", full, lambda: images, model, batch_size=4, progress=False)
+    assert model.calls - calls == calls  # five new levels, as many calls as the first five took
+    np.testing.assert_allclose(both.values, _expected(images, full), rtol=1e-5)
+    np.testing.assert_array_equal(both.values[:, ::2], half.values)
+    assert both.meta["levels_computed"] == 5
+    calls = model.calls
+    odd = cache.get("ds", full[1::2], lambda: pytest.fail("no images needed"), model, batch_size=4, progress=False)
+    assert model.calls == calls and odd.meta["levels_computed"] == 0
+    np.testing.assert_array_equal(odd.values, both.values[:, 1::2])
+    assert FeatureCache(tmp_path, "sha-b").get("ds", full[:1], lambda: images, model, batch_size=4,
+                                               progress=False).meta["levels_computed"] == 1  # another model
+
+
 def test_cache_checks_meta_not_only_file_name(tmp_path):
     # a file for model A sitting at model B's path must not be served as B's features
     sigmas = [1.0, 0.1]

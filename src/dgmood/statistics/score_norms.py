@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import tokenize
 import zipfile
@@ -178,18 +179,45 @@ class FeatureCache:
         cached = self.load(dataset, sigmas)
         if cached is not None:
             return cached
-        images = images_fn()
-        start = time.perf_counter()
-        values = dist.gather_shards(
-            lambda part: score_norms(model, part, sigmas, batch_size, device, progress and dist.is_main()), images)
-        seconds = time.perf_counter() - start
-        extra = {"seconds": seconds, "images_per_s": len(images) / seconds}
+        known = self._known_levels(dataset)
+        missing = [float(s) for s in sigmas if _level(known, s) is None]
+        extra = {"levels_computed": len(missing)}
+        if missing:
+            images = images_fn()
+            start = time.perf_counter()
+            new = dist.gather_shards(
+                lambda part: score_norms(model, part, missing, batch_size, device, progress and dist.is_main()), images)
+            seconds = time.perf_counter() - start
+            known.update({s: new[:, j] for j, s in enumerate(missing)})
+            # images per second of the whole grid, estimated from the levels computed now
+            extra.update(seconds=seconds, images_per_s=len(images) / seconds * len(missing) / len(sigmas))
+        values = np.stack([_level(known, s) for s in sigmas], axis=1)
         if dist.world_size() == 1:
             return self.save(dataset, sigmas, values, **extra)
         extra["processes"] = dist.world_size()
         saved = self.save(dataset, sigmas, values, **extra) if dist.is_main() else None
         dist.barrier()
         return saved or FeatureSet(values, column_names(sigmas), self._meta(dataset, sigmas, values, **extra))
+
+    def _known_levels(self, dataset: str) -> dict[float, np.ndarray]:
+        """σ → (N,) score norms of ``dataset`` from every valid cache file of this model, whatever its grid (a
+        combined detector's five levels are MSMA's ten every other one: computed once, read by both)."""
+        known: dict[float, np.ndarray] = {}
+        for path in sorted(self.directory.glob(f"{slug(dataset)}-*.npz")):
+            try:
+                values, meta = read_npz(path)
+            except NPZ_ERRORS:
+                continue  # a damaged file of another grid: that grid's own load reports it
+            if (meta.get("model_sha256") != self.model_sha or meta.get("dataset") != dataset
+                    or _corrupt_reason(values, meta) is not None):
+                continue
+            known.update({float(s): values[:, j] for j, s in enumerate(meta.get("sigmas", []))})
+        return known
+
+
+def _level(known: dict[float, np.ndarray], sigma: float) -> np.ndarray | None:
+    """The column of ``known`` at ``sigma`` (relative tolerance 1e-9), or None."""
+    return next((v for s, v in known.items() if math.isclose(s, float(sigma), rel_tol=1e-9)), None)
 
 
 from dgmood.statistics.base import Statistic, register  # noqa: E402  (the statistic wraps the function above)
