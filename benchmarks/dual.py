@@ -1,7 +1,7 @@
 """Dual-threshold benchmark (issue 3): likelihood + LID through the flow and diffusion lenses.
 
 Usage: ``make bench-dual`` or
-``python benchmarks/dual.py --flow-run runs/flow --score-run runs/demo --mnist-score-run runs/mnist-score``.
+``python benchmarks/dual.py --flow-run runs/flow --score-run runs/fm-score --mnist-score-run runs/mnist-score-ref``.
 Every run must be trained first (``dgmood train --model flow`` / ``dgmood train``); statistics are cached in
 each run, so a rerun only re-reports. Prints, per lens and OOD set: likelihood-alone AUROC (the paradox:
 below 0.5 on MNIST), the dual-threshold detector's AUROC (its single deployable score), the optimal-ROC AUC
@@ -109,8 +109,8 @@ def _print(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flow-run", type=Path, default=Path("runs/flow"))
-    parser.add_argument("--score-run", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--mnist-score-run", type=Path, default=Path("runs/mnist-score"))
+    parser.add_argument("--score-run", type=Path, default=Path("runs/fm-score"))
+    parser.add_argument("--mnist-score-run", type=Path, default=Path("runs/mnist-score-ref"))
     parser.add_argument("--mnist-flow-run", type=Path, default=Path("runs/mnist-flow"))
     parser.add_argument("--n", type=int, default=500, help="in-distribution and dataset-swap test images")
     parser.add_argument("--n-noise", type=int, default=200, help="images of each noise set")

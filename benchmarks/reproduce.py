@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 
     def with_run(name: str, func, help_: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        s.add_argument("--run", type=Path, default=Path("runs/demo"), help="trained score-model run directory")
+        s.add_argument("--run", type=Path, default=Path("runs/fm-score"), help="trained score-model run directory (the reference (48, 96, 96) model)")
         s.add_argument("--in", dest="in_spec", default="", help="in-distribution test set (default: NAME:test)")
         s.add_argument("--ood", default="mnist:test", help="OOD test set")
         s.add_argument("--progress", action="store_true", help="show progress bars of network passes")
@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
 
     def with_lenses(name: str, func, help_: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        s.add_argument("--score-run", type=Path, default=Path("runs/demo"), help="score-model run (diffusion lens)")
+        s.add_argument("--score-run", type=Path, default=Path("runs/fm-score"), help="score-model run (diffusion lens)")
         s.add_argument("--flow-run", type=Path, default=Path("runs/flow"), help="flow run (flow lens)")
         s.add_argument("--progress", action="store_true", help="show progress bars of network passes")
         s.set_defaults(func=func)

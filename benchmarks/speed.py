@@ -9,7 +9,8 @@ Prints and writes ``OUT/speed.json`` and ``OUT/speed.md``:
 - training images/s (forward + backward + Adam, batch 128) of the run's architecture;
 - the default detector's time per image, statistic by statistic, on the first ``--n`` MNIST test images;
 - wall time of ``dgmood predict`` on those images in a fresh process (start, model load, scoring, CSV), for the
-  default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory.
+  default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory;
+- peak resident memory of ``dgmood predict`` with the default detector on ``--memory-n`` images (100,000).
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def statistic_ms(detector, images: np.ndarray) -> dict[str, float]:
     return out
 
 
-def timed_predict(run_dir: Path, spec: str, method: str, out: Path, threads: int) -> dict:
-    """Wall seconds and peak RSS (MB) of ``dgmood predict`` in a fresh process."""
-    cmd = [sys.executable, "-m", "dgmood", "predict", "--run", str(run_dir), spec, "--out", str(out),
+def timed_predict(run_dir: Path, spec: str | list[str], method: str, out: Path, threads: int) -> dict:
+    """Wall seconds and peak RSS (MB) of ``dgmood predict`` on one spec or several in a fresh process."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    cmd = [sys.executable, "-m", "dgmood", "predict", "--run", str(run_dir), *specs, "--out", str(out),
            "--method", method, "--threads", str(threads), "--quiet"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -86,6 +88,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--n", type=int, default=10000, help="MNIST test images scored")
+    parser.add_argument("--memory-n", type=int, default=100000,
+                        help="images of the peak-memory check of the default detector (MNIST, then FashionMNIST "
+                             "training images; 0 skips it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     args = parser.parse_args(argv)
@@ -103,6 +108,12 @@ def main(argv=None) -> None:
     result["predict"] = {m: timed_predict(args.run, spec, m, args.out / f"{m}.csv", args.threads)
                          for m in (run.config.method, "pixel-knn")}
     result["predict_ratio"] = result["predict"][run.config.method]["seconds"] / result["predict"]["pixel-knn"]["seconds"]
+    if args.memory_n:
+        many = [f"mnist:train[:{min(args.memory_n, 60000)}]"]
+        if args.memory_n > 60000:
+            many.append(f"fashion-mnist:train[:{args.memory_n - 60000}]")
+        result["memory"] = dict(timed_predict(args.run, many, run.config.method, args.out / "many.csv", args.threads),
+                                n=args.memory_n, specs=many)
     (args.out / "speed.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Speed ({args.threads} threads, {args.run})", "",
@@ -117,6 +128,10 @@ def main(argv=None) -> None:
           for m, p in result["predict"].items()),
         f"- ratio default / pixel-knn: {result['predict_ratio']:.2f}",
     ]
+    if "memory" in result:
+        m = result["memory"]
+        lines.append(f"- `dgmood predict` (default) on {m['n']:,} images ({' + '.join(m['specs'])}): "
+                     f"{m['seconds']:.1f} s wall, peak {m['peak_mb']:.0f} MB")
     (args.out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,7 +15,7 @@ import click
 __all__ = ["main"]
 
 DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
-COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")  # = dgmood.methods.combined.FEATURES (tested)
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "knn")  # = dgmood.methods.combined.FEATURES (tested)
 FLOW_LR = 1e-3  # the Adam rate Glow and Neural Spline Flows trained their image flows with
 
 # Idle OpenMP threads sleep instead of spinning: measured on 2 cores with one other busy process,
@@ -214,7 +214,7 @@ def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, 
     try:
         chans = tuple(int(c) for c in channels.split(","))
     except ValueError as err:
-        raise click.BadParameter(f"--channels must be integers like 48,96,96, got {channels!r}") from err
+        raise click.BadParameter(f"--channels must be integers like 32,64, got {channels!r}") from err
     images = datasets.load_images(data_spec, run.data_dir)
     shape = tuple(images.shape[1:])
     net = FlowConfig(image_shape=shape) if model == "flow" else NetConfig(image_shape=shape, channels=chans)

@@ -5,7 +5,7 @@ A recipe names the statistics and the array detector; nothing else differs betwe
 
 | method | model | statistics | array detector |
 |---|---|---|---|
-| ``combined`` | score | score norms, complexity, FLIPD, reconstruction, raw-pixel 5-NN | mixture + k-NN term |
+| ``combined`` | score | score norms, complexity, FLIPD, reconstruction, feature k-NN, raw-pixel 5-NN | mixture + k-NN term |
 | ``msma-knn``, ``msma-gmm``, ``msma-flow`` | score | score norms (MSMA) | k-NN / GMM / MAF flow |
 | ``pixel-knn`` | any | raw-pixel 5-NN distance (baseline) | the distance itself |
 | ``dual-threshold`` | flow or score | log-likelihood, LID (Jacobian or FLIPD) | both above thresholds |
@@ -25,7 +25,7 @@ __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "METHODS", "MethodC
 COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
 
-DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "knn")
+DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "knn")
 """The combined detector's statistics unless told otherwise."""
 
 DEFAULT_METHOD = "combined"
@@ -184,7 +184,8 @@ def _dual(kind: str, cfg: MethodConfig):
 
 
 METHODS: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("combined", "ours: score norms, complexity, FLIPD LID, reconstruction and raw-pixel k-NN in one mixture",
+    Recipe("combined", "ours: score norms, complexity, FLIPD LID, reconstruction, network-feature k-NN and raw-pixel "
+           "k-NN in one mixture",
            ("score",), _combined),
     Recipe("msma-knn", "MSMA: k-NN on multiscale score norms", ("score",), _msma("knn")),
     Recipe("msma-gmm", "MSMA: Gaussian mixture on multiscale score norms", ("score",), _msma("gmm")),

@@ -28,7 +28,10 @@ def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
 @torch.no_grad()
 def kneighbors(bank: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
                chunk: int = 1024, bank_chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest bank rows of each query: distances (N, k) float32 ascending and indices (N, k) int64.
+    """The k nearest bank rows of each query: distances (N, k) float64 ascending and indices (N, k) int64.
+
+    Candidates come from one fp32 matrix product per chunk; the k nearest of them are re-ranked with distances
+    summed in float64 from the original values (exact to float64 rounding, and the same whatever the batch).
 
     Args:
         bank: (M, D) reference points; uint8 rows are read as levels / 255 (the raw-pixel bank), others as
@@ -39,22 +42,23 @@ def kneighbors(bank: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarra
         chunk, bank_chunk: Queries and bank rows per matrix product (memory: chunk × bank_chunk floats).
     """
     b = _as_float(bank)
-    q = torch.as_tensor(np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)))
+    queries = np.asarray(queries).reshape(len(queries), -1)
+    q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
     if q.shape[1] != b.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} values each, the bank {b.shape[1]}")
     need = k + (exclude is not None)
     if not 1 <= k or len(b) < need:
         raise ValueError(f"the k-NN needs at least {need} reference images, got {len(b)} (k = {k})")
     b_sq = (b * b).sum(1)
-    dist = np.empty((len(q), k), np.float32)
+    dist = np.empty((len(q), k), np.float64)
     index = np.empty((len(q), k), np.int64)
     for start in range(0, len(q), chunk):
         stop = min(start + chunk, len(q))
         _, best_i = _chunk_topk(q[start:stop], b, b_sq, min(need + SPARE, len(b)), bank_chunk)
-        best_d, best_i = _exact(q[start:stop], b, best_i, need)
+        best_d, best_i = _exact(queries[start:stop], bank, best_i, need)
         if exclude is not None:
             best_d, best_i = _drop(best_d, best_i, torch.as_tensor(np.asarray(exclude[start:stop])), k)
-        dist[start:stop], index[start:stop] = best_d.sqrt().float().numpy(), best_i.numpy()
+        dist[start:stop], index[start:stop] = best_d.sqrt().numpy(), best_i.numpy()
     return dist, index
 
 
@@ -72,10 +76,13 @@ def _chunk_topk(q, b, b_sq, k, bank_chunk):
     return best_d, best_i
 
 
-def _exact(q, b, candidates, k):
+def _exact(queries: np.ndarray, bank: np.ndarray, candidates: torch.Tensor, k: int):
     """The k nearest of each query's candidate rows by squared distances summed in float64 from the differences
-    (no cancellation, and the same value whatever the batch): (n, k) float64 ascending and their rows."""
-    diff = q[:, None, :].double() - b[candidates].double()
+    of the original values (no cancellation): (n, k) float64 ascending and their rows."""
+    rows = np.asarray(bank).reshape(len(bank), -1)[candidates.numpy()].astype(np.float64)
+    if np.asarray(bank).dtype == np.uint8:
+        rows /= 255.0
+    diff = torch.from_numpy(np.asarray(queries, dtype=np.float64)[:, None, :] - rows)
     d2, order = diff.square().sum(2).topk(k, dim=1, largest=False)
     return d2, candidates.gather(1, order)
 
