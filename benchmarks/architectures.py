@@ -33,8 +33,8 @@ class DiffusersScore(torch.nn.Module):
 
 def candidates() -> dict[str, torch.nn.Module]:
     models = {
-        "ScoreNet patch 2, (48, 96, 96) [default]": ScoreNet(NetConfig()),
-        "ScoreNet patch 2, (32, 64)": ScoreNet(NetConfig(channels=(32, 64))),
+        "ScoreNet patch 2, (48, 96, 96) [reference]": ScoreNet(NetConfig(channels=(48, 96, 96))),
+        "ScoreNet patch 2, (32, 64) [default]": ScoreNet(NetConfig()),
         "ScoreNet patch 1 (full res), (24, 48, 48)": ScoreNet(NetConfig(channels=(24, 48, 48), patch=1)),
         "ScoreNet patch 1 (full res), (32, 64, 64)": ScoreNet(NetConfig(channels=(32, 64, 64), patch=1)),
     }

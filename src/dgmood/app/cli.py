@@ -340,7 +340,7 @@ DEFAULT_BASELINES = "msma-knn,pixel-knn"
               help="dual-threshold: LID estimator [default: jacobian for the flow lens, flipd for the diffusion lens].")
 @click.option("--fit-n", "dual_fit_n", type=click.IntRange(2), default=500,
               help="dual-threshold: training images whose statistics fit the thresholds.")
-@click.option("--solver", type=click.Choice(["adaptive", "euler"]), default="adaptive",
+@click.option("--solver", type=click.Choice(["adaptive", "heun", "euler"]), default="adaptive",
               help="dual-threshold, diffusion lens: PF-ODE solver of the likelihood.")
 @click.option("--background", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="dual-threshold: a run of the same model kind trained with --perturb; adds the likelihood-ratio "

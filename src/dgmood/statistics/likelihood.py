@@ -14,20 +14,24 @@ class LogLikelihood(Statistic):
     """log p(x) in nats per image on the [0, 1] pixel scale, shape (N,).
 
     ``lens="flow"``: the image flow's exact log-likelihood of the dequantised image. ``lens="diffusion"``: the
-    score model's PF-ODE log-likelihood (``solver``, ``tol``, ``t_eps``, ``probes`` Hutchinson probes).
+    score model's PF-ODE log-likelihood (``solver``, ``tol``, ``t_eps``, ``probes`` Hutchinson probes; ``steps`` and
+    ``spacing`` of the fixed-step solvers ``heun`` and ``euler``, see :class:`~dgmood.statistics.lens.LensConfig`).
     """
 
     name = "log_likelihood"
 
-    def __init__(self, lens="flow", solver="adaptive", tol=1e-3, t_eps=1e-2, probes=4, seed=0, batch_size=32):
+    def __init__(self, lens="flow", solver="adaptive", tol=1e-3, t_eps=1e-2, probes=4, seed=0, batch_size=32,
+                 steps=25, spacing="uniform"):
         self.lens, self.solver, self.tol, self.t_eps = lens, solver, float(tol), float(t_eps)
         self.probes, self.seed, self.batch_size = int(probes), int(seed), int(batch_size)
+        self.steps, self.spacing = int(steps), spacing
 
     def _config(self):
         from dgmood.statistics.lens import LIDS, LensConfig
 
         return LensConfig(lens=self.lens, lid=LIDS[self.lens][0], solver=self.solver, tol=self.tol, t_eps=self.t_eps,
-                          probes=self.probes, seed=self.seed, batch_size=self.batch_size)
+                          probes=self.probes, seed=self.seed, batch_size=self.batch_size, steps=self.steps,
+                          spacing=self.spacing)
 
     def compute(self, model, images, device="cpu", progress=False):
         from dgmood.statistics.lens import compute_statistic
@@ -37,8 +41,11 @@ class LogLikelihood(Statistic):
     def cache_settings(self, training: bool = False) -> dict:
         if self.lens == "flow":
             return {"lens": "flow"}
-        return {"lens": self.lens, "solver": self.solver, "tol": self.tol, "t_eps": self.t_eps, "probes": self.probes,
-                "seed": self.seed}
+        settings = {"lens": self.lens, "solver": self.solver, "tol": self.tol, "t_eps": self.t_eps,
+                    "probes": self.probes, "seed": self.seed}
+        if self.solver != "adaptive":
+            settings.update(steps=self.steps, spacing=self.spacing)
+        return settings
 
 
 @register
