@@ -1,8 +1,9 @@
 """Cheaper PF-ODE solvers of the diffusion-lens likelihood against the adaptive one (issue 11).
 
-Usage: ``python benchmarks/solvers.py --run runs/demo [--n 500] [--solver heun:8:geometric ...] [--threads 2]``
+Usage: ``python benchmarks/solvers.py --run runs/demo [--n 500] [--solver heun:8:geometric:1 ...] [--threads 2]``
 
-For each solver (``adaptive``, or ``heun|euler:STEPS:uniform|geometric``): the log-likelihood of the first ``--n``
+For each solver (``adaptive``, or ``heun|euler:STEPS:uniform|geometric[:PROBES]``, 4 Hutchinson probes unless
+given; the first one listed is the reference): the log-likelihood of the first ``--n``
 in-distribution test images and ``--n`` images of the other dataset, seconds per image and network evaluations,
 its bias against the adaptive solution (mean and largest |Δ| in nats per dimension), the likelihood-alone AUROC,
 and the dual-threshold AUROC (likelihood and FLIPD LID both above thresholds fitted on 500 training images).
@@ -33,10 +34,11 @@ DEFAULT_SOLVERS = ("adaptive", "heun:4:geometric", "heun:8:geometric", "heun:8:u
 
 
 def likelihood_stat(name: str) -> LogLikelihood:
-    """``adaptive`` or ``SOLVER:STEPS:SPACING`` as the diffusion lens's log-likelihood statistic."""
-    solver, _, rest = name.partition(":")
-    steps, _, spacing = rest.partition(":")
-    return LogLikelihood("diffusion", solver=solver, steps=int(steps or 25), spacing=spacing or "uniform")
+    """``adaptive[:::PROBES]`` or ``SOLVER:STEPS:SPACING[:PROBES]`` as the diffusion lens's log-likelihood statistic
+    (4 Hutchinson probes unless given)."""
+    solver, steps, spacing, probes = (name.split(":") + ["", "", "", ""])[:4]
+    return LogLikelihood("diffusion", solver=solver, steps=int(steps or 25), spacing=spacing or "uniform",
+                         probes=int(probes or 4))
 
 
 def main(argv=None) -> None:

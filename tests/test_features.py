@@ -186,23 +186,25 @@ def test_cache_get_computes_only_on_miss(tmp_path):
     assert len(calls) == 3
 
 
-def test_cache_corrupt_file_raises_with_advice(tmp_path):
+def test_cache_corrupt_file_is_recomputed_and_replaced(tmp_path):
     sigmas = [1.0, 0.1]
     cache = FeatureCache(tmp_path, "sha-a")
     cache.path("ds", sigmas).write_bytes(b"this is not an npz file" * 10)
-    with pytest.raises(ValueError, match="delete"):
-        cache.load("ds", sigmas)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert cache.load("ds", sigmas) is None
     cache.path("ds", sigmas).write_bytes(b"")
-    with pytest.raises(ValueError, match="delete"):
-        cache.get("ds", sigmas, lambda: _images(), GaussianScaledScore(), progress=False)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        got = cache.get("ds", sigmas, lambda: _images(), GaussianScaledScore(), progress=False)
+    np.testing.assert_allclose(got.values, _expected(_images(), sigmas), rtol=1e-5)
+    assert cache.load("ds", sigmas) is not None  # replaced
 
 
-def test_cache_truncated_file_raises_with_advice(tmp_path):
+def test_cache_truncated_file_warns_and_misses(tmp_path):
     sigmas = [1.0, 0.1]
     cache = FeatureCache(tmp_path, "sha-a")
     cache.save("ds", sigmas, np.ones((3, 2), np.float32))
     path = cache.path("ds", sigmas)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # an .npz cut short: still starts with the zip magic
-    with pytest.raises(ValueError, match="delete"):
-        cache.load("ds", sigmas)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert cache.load("ds", sigmas) is None

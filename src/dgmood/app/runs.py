@@ -314,29 +314,20 @@ class Run:
         return {name: self.image_detector(f"msma-{name}").estimator for name in self.config.detectors}
 
     def evaluate(self, ood_specs: list[str], in_spec: str = "") -> tuple[dict, dict, dict]:
-        """Score the in-distribution test set and each OOD set with every detector.
+        """Score the in-distribution test set and each OOD set with every MSMA detector (``--method msma``): the
+        one evaluation of :meth:`evaluate_methods` over the ``msma-NAME`` recipes, plus the score-norm features
+        its report plots.
 
         Returns:
             ``results`` (detector → OOD spec → metric → value), ``scores`` (detector →
             {"in": (N,), "ood": {spec: (M,)}}), and ``features`` (spec → FeatureSet).
         """
-        from dgmood.evaluation.metrics import evaluate
-
         in_spec = in_spec or self.config.in_test
-        if not in_spec:
-            raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
-        if not ood_specs:
-            raise ValueError("no OOD set given; name at least one with --ood SPEC")
-        detectors = self.detectors()
+        ev, _ = self.evaluate_methods([f"msma-{name}" for name in self.config.detectors], list(ood_specs), in_spec)
+        names = {f"msma-{name}": name for name in self.config.detectors}
+        results = {names[m]: r for m, r in ev.results.items()}
+        scores = {names[m]: sc for m, sc in ev.scores.items()}
         features = {spec: self.features(spec) for spec in [in_spec, *ood_specs]}
-        scores = {
-            name: {"in": det.score_samples(features[in_spec].values),
-                   "ood": {s: det.score_samples(features[s].values) for s in ood_specs}}
-            for name, det in detectors.items()
-        }
-        results = {
-            name: {s: evaluate(sc["in"], sc["ood"][s]) for s in ood_specs} for name, sc in scores.items()
-        }
         write_json(self.directory / "evaluation.json", {"in": in_spec, "ood": list(ood_specs)})
         return results, scores, features
 

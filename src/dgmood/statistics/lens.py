@@ -209,9 +209,9 @@ class StatCache:
         return self.directory / stat / f"{slug(dataset)}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
 
     def load(self, stat: str, settings: dict, dataset: str) -> tuple[np.ndarray, dict] | None:
-        """Cached values and meta, or None when absent, damaged or written for another model, settings or
-        dataset (then recomputed). Temporaries of killed writes are deleted first."""
-        from dgmood.statistics.score_norms import NPZ_ERRORS, read_npz
+        """Cached values and meta, or None when absent, damaged (with a warning) or written for another model,
+        settings or dataset (then recomputed). Temporaries of killed writes are deleted first."""
+        from dgmood.statistics.score_norms import NPZ_ERRORS, damaged_cache_warning, read_npz
 
         path = self.path(stat, settings, dataset)
         remove_leftovers(path.parent)
@@ -219,13 +219,16 @@ class StatCache:
             return None
         try:
             values, meta = read_npz(path)
-        except NPZ_ERRORS:
+        except NPZ_ERRORS as err:
+            damaged_cache_warning(path, str(err) or type(err).__name__)
+            return None
+        if (not isinstance(meta, dict) or not isinstance(values, np.ndarray) or values.dtype.kind != "f"
+                or not np.isfinite(values).all()):
+            damaged_cache_warning(path, "its values or meta are not what this cache writes")
             return None
         expected = {"model_sha256": self.model_sha, "stat": stat, "settings": settings, "dataset": dataset}
-        if (not isinstance(meta, dict) or not isinstance(values, np.ndarray) or values.dtype.kind != "f"
-                or any(meta.get(k) != v for k, v in json.loads(json.dumps(expected)).items())
-                or not np.isfinite(values).all()):
-            return None
+        if any(meta.get(k) != v for k, v in json.loads(json.dumps(expected)).items()):
+            return None  # another model, settings or dataset (a copied or renamed file)
         return values, meta
 
     def save(self, stat: str, settings: dict, dataset: str, values: np.ndarray, **extra) -> dict:

@@ -81,6 +81,13 @@ def _cache_key(model_sha: str, sigmas, dataset: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def damaged_cache_warning(path: Path, reason: str) -> None:
+    """The one warning of a damaged cache file, which is then recomputed and replaced."""
+    import warnings
+
+    warnings.warn(f"cache file {path} is damaged ({reason}); recomputing it", RuntimeWarning, stacklevel=3)
+
+
 def _corrupt_reason(values: np.ndarray, meta) -> str | None:
     """Why a cache file's contents cannot be a feature set (None when values and meta are consistent)."""
     if not isinstance(meta, dict):
@@ -139,7 +146,8 @@ class FeatureCache:
         return self.directory / f"{slug(dataset)}-{_cache_key(self.model_sha, sigmas, dataset)}.npz"
 
     def load(self, dataset: str, sigmas) -> FeatureSet | None:
-        """The cached features, or None when absent or written for another model, dataset or σ grid.
+        """The cached features, or None when absent, damaged (with a warning: they are recomputed and the file
+        replaced, the one policy of every statistic cache) or written for another model, dataset or σ grid.
         Temporaries of killed writes in the cache folder are deleted first (see :func:`dgmood.utils.files.is_leftover`)."""
         remove_leftovers(self.directory)
         path = self.path(dataset, sigmas)
@@ -147,11 +155,12 @@ class FeatureCache:
             return None
         try:
             values, meta = read_npz(path)
+            reason = _corrupt_reason(values, meta)
         except NPZ_ERRORS as err:
-            raise ValueError(f"feature cache {path} is corrupt ({err}); delete it to recompute") from err
-        reason = _corrupt_reason(values, meta)
+            reason = str(err) or type(err).__name__
         if reason is not None:
-            raise ValueError(f"feature cache {path} is corrupt ({reason}); delete it to recompute")
+            damaged_cache_warning(path, reason)
+            return None
         cached_sigmas = np.asarray(meta.get("sigmas", []), dtype=float)
         if (meta.get("model_sha256") != self.model_sha or meta.get("dataset") != dataset
                 or cached_sigmas.shape != np.shape(sigmas) or not np.allclose(cached_sigmas, sigmas)):
