@@ -86,10 +86,10 @@ def timed_predict(run_dir: Path, spec: str | list[str], method: str, out: Path, 
 
 def memory_specs(n: int) -> list[str]:
     """Dataset specs of ``n`` images for the memory check: FashionMNIST train and test, MNIST test, then uniform
-    noise for the rest (the sets every checkout has)."""
+    and Gaussian noise for the rest (10,000 each at most; the sets every checkout has)."""
     specs, left = [], n
     for name, size in (("fashion-mnist:train", 60000), ("fashion-mnist:test", 10000), ("mnist:test", 10000),
-                       ("uniform", left)):
+                       ("uniform", 10000), ("gaussian", 10000)):
         take = min(size, left)
         if take > 0:
             specs.append(f"{name}[:{take}]")

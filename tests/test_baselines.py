@@ -127,6 +127,21 @@ def test_minimum_over_codecs():
     np.testing.assert_array_equal(compressed_bits_per_dim(images, ("jpeg2000", "png", "png")), both)
 
 
+def test_complexity_statistic_uses_its_codecs_and_the_combined_detector_png():
+    from dgmood.methods.recipes import MethodConfig, build_detector
+    from dgmood.models.network import NetConfig, ScoreNet
+    from dgmood.statistics.complexity import Complexity
+
+    images = np.concatenate([_smooth(), _noise(2)]).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(Complexity(("png",)).compute(None, images), compressed_bits_per_dim(images, "png"))
+    np.testing.assert_array_equal(Complexity().compute(None, images),
+                                  compressed_bits_per_dim(images, ("png", "jpeg2000")))
+    detector = build_detector("combined", ScoreNet(NetConfig(image_shape=(1, 8, 8), channels=(8,))), "score",
+                              MethodConfig())
+    stat = next(s for s in detector.statistics if isinstance(s, Complexity))
+    assert stat.codecs == ("png",) and stat.cache_settings() == {"codecs": ["png"]}
+
+
 def test_float_torch_and_uint8_agree():
     levels = _noise(3, 3)
     floats = levels.astype(np.float32) / 255

@@ -68,7 +68,9 @@ def test_config_puts_the_knn_column_last():
 
 
 @pytest.mark.parametrize("kwargs, message", [({"features": ("msma", "lpips")}, "unknown combined feature"),
-                                             ({"features": ()}, "none given"), ({"knn_k": 0}, "knn_k")])
+                                             ({"features": ()}, "none given"), ({"knn_k": 0}, "knn_k"),
+                                             ({"feature_knn_k": 0}, "feature_knn_k"),
+                                             ({"feature_knn_bank": 1}, "feature_knn_bank")])
 def test_config_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CombinedConfig(**kwargs)

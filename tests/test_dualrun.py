@@ -112,6 +112,21 @@ def test_diffusion_lens_flipd(score_run, data_dir, sets):
     assert calib["parameter"] == "sigma0" and calib["value"] > 0
 
 
+def test_fixed_step_solver_from_the_cli(score_run, data_dir, sets):
+    result = invoke("evaluate", "--run", score_run.directory, "--data-dir", data_dir, "--method", "dual-threshold",
+                    "--lens", "diffusion", "--solver", "heun:4:geometric", "--fit-n", 16, *_ood_args(sets),
+                    "--threads", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "heun, 4 geometric steps" in (score_run.directory / "dual-diffusion-flipd" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec", ["rk4", "heun:0", "heun:8:log", "adaptive:8", "heun:8:uniform:2"])
+def test_bad_solver_is_a_one_line_error(score_run, data_dir, sets, spec):
+    result = invoke("evaluate", "--run", score_run.directory, "--data-dir", data_dir, "--method", "dual-threshold",
+                    "--solver", spec, *_ood_args(sets), "--quiet")
+    assert result.exit_code == 2 and "is not a solver" in result.output and "Traceback" not in result.output
+
+
 def test_diffusion_lens_normal_bundle(score_run, sets):
     config = DualConfig(lens=LensConfig("diffusion", "normal-bundle", n_perturb=32), fit_n=16, calibration_n=20)
     ev = evaluate_dual(score_run, config, list(sets["ood"]))
@@ -126,7 +141,8 @@ def test_stat_cache_ignores_damaged_or_foreign_files(tmp_path):
     assert cache.load("grad_norm", {}, "mnist")[0].tolist() == [0.0, 1.0, 2.0]
     assert StatCache(tmp_path, "sha-b").load("grad_norm", {}, "mnist") is None
     cache.path("grad_norm", {}, "mnist").write_bytes(b"not a zip")
-    assert cache.load("grad_norm", {}, "mnist") is None
+    with pytest.warns(RuntimeWarning, match="is damaged"):
+        assert cache.load("grad_norm", {}, "mnist") is None
 
 
 @pytest.mark.parametrize("args, message", [

@@ -269,7 +269,8 @@ def _context(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds:
         "thresholds (log-likelihood nats, LID)": ", ".join(f"{t:.4g}" for t in calib["thresholds"]),
     }
     if lens.lens == "diffusion":
-        context["PF-ODE"] = f"{lens.solver}, tol {lens.tol:g}, t_eps {lens.t_eps:g}, {lens.probes} probes"
+        grid = f"tol {lens.tol:g}" if lens.solver == "adaptive" else f"{lens.steps} {lens.spacing} steps"
+        context["PF-ODE"] = f"{lens.solver}, {grid}, t_eps {lens.t_eps:g}, {lens.probes} probes"
     for stat, s in ev.seconds_per_image.items():
         context[f"time per image: {stat}"] = f"{s * 1000:.1f} ms"
     context["evaluation time"] = f"{seconds:.1f} s"

@@ -56,6 +56,10 @@ class MethodConfig:
             (1: one Tweedie step x̃ + σ² s(x̃, σ); measured within 0.005 AUROC of 5 steps at a fifth of the cost).
         combined_probes: Hutchinson probes of the combined detector's FLIPD (1 measured as good as 4).
         feature_knn_sigma: Noise level of the network features of the feature k-NN (``fknn``).
+        complexity_codecs: Codecs of the combined detector's input complexity (PNG alone: on FashionMNIST and
+            MNIST PNG is smaller than JPEG2000 on every image, so the values and AUROCs are the same, at about a
+            third of the time; docs/results.md).
+        feature_knn_k, feature_knn_bank: Its neighbour and how many training images (the first) its bank holds.
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -72,6 +76,9 @@ class MethodConfig:
     reconstruction_steps: int = 1
     combined_probes: int = 1
     feature_knn_sigma: float = 0.1
+    complexity_codecs: tuple[str, ...] = ("png",)
+    feature_knn_k: int = 5
+    feature_knn_bank: int = 20000
     max_components: int = 10
     probes: int = 4
     seed: int = 0
@@ -86,8 +93,9 @@ class MethodConfig:
         object.__setattr__(self, "features", tuple(f for f in COMBINED_FEATURES if f in self.features))
         if self.combined_sigma_stride < 1 or self.combined_probes < 1 or self.reconstruction_steps < 1:
             raise ValueError("combined_sigma_stride, combined_probes and reconstruction_steps must be >= 1")
-        if self.knn_k < 1:
-            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
+            raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
+                             f"{self.feature_knn_k} and {self.feature_knn_bank}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -129,12 +137,14 @@ def _combined(kind: str, cfg: MethodConfig):
     from dgmood.statistics.score_norms import ScoreNorms
 
     make = {
-        "msma": lambda: ScoreNorms(cfg.sigmas[::cfg.combined_sigma_stride], cfg.batch_size), "complexity": Complexity,
+        "msma": lambda: ScoreNorms(cfg.sigmas[::cfg.combined_sigma_stride], cfg.batch_size), "complexity": lambda: Complexity(cfg.complexity_codecs),
         "flipd": lambda: FLIPD(probes=cfg.combined_probes, seed=cfg.seed, batch_size=cfg.batch_size),
         "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed,
                                                  cfg.batch_size),
         "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
-        "fknn": lambda: FeatureKNN(cfg.feature_knn_sigma, k=cfg.knn_k, batch_size=cfg.batch_size), "knn": lambda: PixelKNN(cfg.knn_k),
+        "fknn": lambda: FeatureKNN(cfg.feature_knn_sigma, k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
+                                   batch_size=cfg.batch_size),
+        "knn": lambda: PixelKNN(cfg.knn_k),
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
                                  max_components=cfg.max_components, acceptance=cfg.acceptance)

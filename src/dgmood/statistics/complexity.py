@@ -234,15 +234,18 @@ from dgmood.statistics.base import Statistic, register  # noqa: E402  (the stati
 
 @register
 class Complexity(Statistic):
-    """Input complexity (Serrà et al. 2020): compressed bits per dimension, PNG and lossless JPEG2000, (N,).
+    """Input complexity (Serrà et al. 2020): compressed bits per dimension, the minimum over ``codecs``, (N,).
 
     Needs no model; ``compute`` ignores it.
+
+    Args:
+        codecs: Names from :data:`CODECS` (default PNG and lossless JPEG2000, as the paper's baseline).
     """
 
     name = "complexity"
 
-    def __init__(self):
-        pass
+    def __init__(self, codecs=("png", "jpeg2000")):
+        self.codecs = tuple(codecs)
 
     def compute(self, model, images, device="cpu", progress=False):
-        return compressed_bits_per_dim(np.asarray(images)).astype(np.float64)
+        return compressed_bits_per_dim(np.asarray(images), self.codecs).astype(np.float64)
