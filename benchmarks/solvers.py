@@ -28,6 +28,7 @@ from dgmood.detectors.dual import DualThresholdDetector  # noqa: E402
 from dgmood.evaluation.metrics import evaluate  # noqa: E402
 from dgmood.methods.image_detector import ImageDetector  # noqa: E402
 from dgmood.statistics.flipd import FLIPD  # noqa: E402
+from dgmood.statistics.lens import parse_solver  # noqa: E402
 from dgmood.statistics.likelihood import LogLikelihood  # noqa: E402
 
 DEFAULT_SOLVERS = ("adaptive", "heun:4:geometric", "heun:8:geometric", "heun:8:uniform", "euler:25:uniform")
@@ -35,10 +36,11 @@ DEFAULT_SOLVERS = ("adaptive", "heun:4:geometric", "heun:8:geometric", "heun:8:u
 
 def likelihood_stat(name: str) -> LogLikelihood:
     """``adaptive[:::PROBES]`` or ``SOLVER:STEPS:SPACING[:PROBES]`` as the diffusion lens's log-likelihood statistic
-    (4 Hutchinson probes unless given)."""
-    solver, steps, spacing, probes = (name.split(":") + ["", "", "", ""])[:4]
-    return LogLikelihood("diffusion", solver=solver, steps=int(steps or 25), spacing=spacing or "uniform",
-                         probes=int(probes or 4))
+    (4 Hutchinson probes unless given; the rest as :func:`~dgmood.statistics.lens.parse_solver` reads it)."""
+    parts = name.split(":")
+    solver, steps, spacing = parse_solver(":".join(parts[:3]).rstrip(":"))
+    return LogLikelihood("diffusion", solver=solver, steps=steps, spacing=spacing,
+                         probes=int(parts[3]) if len(parts) > 3 and parts[3] else 4)
 
 
 def main(argv=None) -> None:

@@ -387,27 +387,16 @@ def _baseline_names(text: str, method: str) -> list[str]:
     return names
 
 
-def parse_solver(text: str) -> tuple[str, int, str]:
-    """``SOLVER[:STEPS[:SPACING]]`` as (solver, steps, spacing); a one-line error on anything else."""
-    from dgmood.models.diffusion import SOLVERS
-    from dgmood.statistics.lens import LensConfig
-
-    parts = str(text).strip().lower().split(":")
-    solver, steps, spacing = (parts + ["", ""])[:3]
-    if len(parts) > 3 or solver not in SOLVERS or spacing not in ("", "uniform", "geometric") or (
-            steps and not (steps.isdigit() and int(steps) >= 1)) or (solver == "adaptive" and len(parts) > 1):
-        raise click.BadParameter(f"{text!r} is not a solver; use adaptive, or heun / euler with optional steps and "
-                                 "time grid, e.g. heun:8:geometric", param_hint="--solver")
-    return solver, int(steps or LensConfig.steps), spacing or LensConfig.spacing
-
-
 def _evaluate_dual(run, ood_specs, in_spec, lens, lid, fit_n, solver, background=None):
     from dgmood.methods.dual_threshold import DualConfig, evaluate_dual, write_dual_outputs
-    from dgmood.statistics.lens import LensConfig
+    from dgmood.statistics.lens import LensConfig, parse_solver
 
     lens = lens or ("flow" if run.config.model == "flow" else "diffusion")
     lid = lid or ("jacobian" if lens == "flow" else "flipd")
-    solver, steps, spacing = parse_solver(solver)
+    try:
+        solver, steps, spacing = parse_solver(solver)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--solver") from None
     config = DualConfig(lens=LensConfig(lens=lens, lid=lid, solver=solver, steps=steps, spacing=spacing), fit_n=fit_n,
                         background=str(background or ""))
     start = time.perf_counter()

@@ -137,7 +137,8 @@ def _combined(kind: str, cfg: MethodConfig):
     from dgmood.statistics.score_norms import ScoreNorms
 
     make = {
-        "msma": lambda: ScoreNorms(cfg.sigmas[::cfg.combined_sigma_stride], cfg.batch_size), "complexity": lambda: Complexity(cfg.complexity_codecs),
+        "msma": lambda: ScoreNorms(cfg.sigmas[::cfg.combined_sigma_stride], cfg.batch_size),
+        "complexity": lambda: Complexity(cfg.complexity_codecs),
         "flipd": lambda: FLIPD(probes=cfg.combined_probes, seed=cfg.seed, batch_size=cfg.batch_size),
         "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed,
                                                  cfg.batch_size),

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dgmood.utils.files import remove_leftovers
 
-__all__ = ["LIDS", "LID_STATISTIC", "LensConfig", "StatCache", "compute_statistic", "statistic_names"]
+__all__ = ["LIDS", "LID_STATISTIC", "LensConfig", "StatCache", "compute_statistic", "parse_solver", "statistic_names"]
 
 LIDS = {"flow": ("jacobian",), "diffusion": ("flipd", "normal-bundle")}
 LID_STATISTIC = {"jacobian": "jacobian_sv", "flipd": "flipd", "normal-bundle": "normal_bundle_sv"}
@@ -71,6 +71,20 @@ class LensConfig:
         if self.lid not in LIDS[self.lens]:
             raise ValueError(f"--lid {self.lid} does not work with the {self.lens} lens; choose "
                              f"{' or '.join(LIDS[self.lens])}")
+
+
+def parse_solver(text: str) -> tuple[str, int, str]:
+    """``SOLVER[:STEPS[:SPACING]]`` (e.g. ``heun:8:geometric``) as (solver, steps, spacing) of :class:`LensConfig`;
+    omitted parts take its defaults. Raises a one-line ValueError on anything else."""
+    from dgmood.models.diffusion import SOLVERS
+
+    parts = str(text).strip().lower().split(":")
+    solver, steps, spacing = (parts + ["", ""])[:3]
+    if len(parts) > 3 or solver not in SOLVERS or spacing not in ("", "uniform", "geometric") or (
+            steps and not (steps.isdigit() and int(steps) >= 1)) or (solver == "adaptive" and len(parts) > 1):
+        raise ValueError(f"{text!r} is not a solver; use adaptive, or heun / euler with optional steps and time grid, "
+                         "e.g. heun:8:geometric")
+    return solver, int(steps or LensConfig.steps), spacing or LensConfig.spacing
 
 
 def statistic_names(config: LensConfig) -> tuple[str, ...]:
