@@ -67,6 +67,7 @@ STATISTICS = {
     "score_norms": ("score", lambda: ScoreNorms((1.0, 0.1, 0.01)), True),
     "complexity": ("score", Complexity, True),
     "flipd": ("score", lambda: FLIPD(**SMALL_LPCA), True),
+    "flipd-difference": ("score", lambda: FLIPD(difference=0.01, **SMALL_LPCA), True),
     "reconstruction": ("score", lambda: Reconstruction((0.1, 0.3), steps=2), True),
     "knn": ("score", PixelKNN, True),
     # per-pixel logs of small norms carry the network's float32 batch-to-batch rounding (~1e-5 relative)

@@ -101,6 +101,9 @@ class ImageDetector:
         progress: Progress bars on network passes.
         explainer: The anomaly map fitted with the detector (:class:`~dgmood.statistics.maps.AnomalyMap`),
             or None.
+        runtime: Where forward-only statistics run the network: ``torch`` (the module), ``onnx`` (the module
+            traced into ONNX Runtime, about 1.8× faster on CPUs, :mod:`dgmood.models.exported`) or ``auto``
+            (``onnx`` for a score network on the CPU when onnxruntime is installed).
 
     Attributes:
         columns_: Feature column names (after ``fit``).
@@ -110,8 +113,13 @@ class ImageDetector:
     """
 
     def __init__(self, model, statistics: list[Statistic], estimator, method: str = "", log_scale: bool = True,
-                 device="cpu", cache=None, progress: bool = False, explainer: AnomalyMap | None = None):
+                 device="cpu", cache=None, progress: bool = False, explainer: AnomalyMap | None = None,
+                 runtime: str = "auto"):
+        from dgmood.models.exported import resolve_runtime
+
         self.model, self.statistics, self.estimator = model, list(statistics), estimator
+        self.runtime = resolve_runtime(runtime, model, device)
+        self._exported = None
         self.method, self.log_scale, self.device = method, log_scale, device
         self.cache, self.progress, self.explainer = cache, progress, explainer
         self.columns_: list[str] = []
@@ -144,6 +152,24 @@ class ImageDetector:
 
     # --- statistics -------------------------------------------------------------------------------------------
 
+    def network_for(self, stat) -> object:
+        """The network ``stat`` runs on: the ONNX Runtime session of the model for a forward-only statistic (or
+        the anomaly map) when the runtime is ``onnx``, else the module itself. Traced once, at first use."""
+        if self.runtime != "onnx" or not getattr(stat, "forward_only", True):
+            return self.model
+        if self._exported is None:
+            from dgmood.models.exported import OnnxScoreNet
+
+            try:
+                self._exported = OnnxScoreNet(self.model)
+            except Exception as err:  # noqa: BLE001  (any exporter or runtime failure: the module still works)
+                import warnings
+
+                warnings.warn(f"the network could not be run by ONNX Runtime ({type(err).__name__}: {err}); "
+                              "using PyTorch", RuntimeWarning, stacklevel=2)
+                self.runtime, self._exported = "torch", self.model
+        return self._exported
+
     def statistic_values(self, images, key: str | None = None, training: bool = False) -> dict[str, np.ndarray]:
         """Raw values of every statistic: name → (N,) or (N, K).
 
@@ -155,7 +181,7 @@ class ImageDetector:
         """
         if key is not None and self.cache is not None:
             loaded = functools.cache(images if callable(images) else (lambda: self.prepare(images)))
-            return {s.name: self.cache.values(s, key, loaded, self.model, self.device, self.progress, training)
+            return {s.name: self.cache.values(s, key, loaded, self.network_for(s), self.device, self.progress, training)
                     for s in self.statistics}
         x = self.prepare(images() if callable(images) else images)
         parts = [self._compute(x[i:i + _CHUNK], training) for i in range(0, len(x), _CHUNK)] or [self._compute(x, training)]
@@ -164,7 +190,7 @@ class ImageDetector:
     def _compute(self, x: np.ndarray, training: bool) -> dict[str, np.ndarray]:
         with self._lock:  # one network pass at a time (a server shares the detector between threads)
             return {s.name: np.asarray((s.compute_training if training else s.compute)(
-                self.model, x, self.device, self.progress), dtype=np.float64) for s in self.statistics}
+                self.network_for(s), x, self.device, self.progress), dtype=np.float64) for s in self.statistics}
 
     def columns(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """The estimator's input (N, F): each statistic's values as columns, logged where ``log_scale``."""
@@ -190,7 +216,7 @@ class ImageDetector:
         start = time.perf_counter()
         x = self.prepare(train_images, "training images")
         for stat in self.statistics:
-            stat.fit(self.model, x, self.device, self.progress)
+            stat.fit(self.network_for(stat), x, self.device, self.progress)
         rows = x[:fit_n] if fit_n else x
         values = self.statistic_values((lambda: rows) if key else rows, key, training=True)
         features = self.columns(values)
@@ -200,7 +226,7 @@ class ImageDetector:
         if self.explainer is not None:
             bank = self._bank()
             with self._lock:
-                self.explainer.fit(self.model, rows, self.device, self.progress,
+                self.explainer.fit(self.network_for(self.explainer), rows, self.device, self.progress,
                                    bank=bank if bank is not None and len(bank) == len(x) else None)
         self.info = dict(self.info, n_train=int(len(x)), n_fit=int(len(rows)), fit_seconds=time.perf_counter() - start)
         return self
@@ -245,7 +271,7 @@ class ImageDetector:
         if maps and self.explainer is not None:
             with self._lock:
                 anomaly = np.concatenate([self.explainer.compute(
-                    self.model, x[i:i + _CHUNK], self.device, nearest=None if nearest is None else nearest[i:i + _CHUNK])
+                    self.network_for(self.explainer), x[i:i + _CHUNK], self.device, nearest=None if nearest is None else nearest[i:i + _CHUNK])
                     for i in range(0, len(x), _CHUNK)])
         verdicts = np.where(np.isfinite(scores) & (scores >= self.threshold), 1, -1)
         return Explanation(scores, verdicts, z, reasons(z, self.columns_), anomaly, nearest, values)
@@ -321,17 +347,18 @@ class ImageDetector:
         return directory
 
     @classmethod
-    def load(cls, directory, device="cpu") -> "ImageDetector":
-        """A detector saved by :meth:`save`; CheckpointError (one line, what to do) when missing or damaged."""
+    def load(cls, directory, device="cpu", runtime: str = "auto") -> "ImageDetector":
+        """A detector saved by :meth:`save`; CheckpointError (one line, what to do) when missing or damaged.
+        ``runtime`` as in the constructor (not saved: it is a property of the machine, not of the detector)."""
         directory = Path(directory)
         meta = read_manifest(directory)
         try:
-            return cls._from_manifest(directory, meta, device)
+            return cls._from_manifest(directory, meta, device, runtime)
         except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
             raise CheckpointError(f"saved detector in {directory} cannot be loaded ({err}); fit it again") from err
 
     @classmethod
-    def _from_manifest(cls, directory: Path, meta: dict, device) -> "ImageDetector":
+    def _from_manifest(cls, directory: Path, meta: dict, device, runtime: str = "auto") -> "ImageDetector":
         import torch
         from safetensors.numpy import load_file
         from safetensors.torch import load_file as load_torch
@@ -359,7 +386,7 @@ class ImageDetector:
                                 {k[4:]: v for k, v in arrays.items() if k.startswith("map.")})
         estimator, _ = load_detector(directory / "estimator")
         det = cls(model, statistics, estimator, meta["method"], bool(meta.get("log_scale", True)), device,
-                  explainer=explainer)
+                  explainer=explainer, runtime=runtime)
         det.columns_, det.info = list(meta.get("columns", [])), dict(meta.get("info", {}))
         if meta.get("column_moments"):
             det.column_mean_ = np.asarray(meta["column_moments"]["mean"], dtype=np.float64)

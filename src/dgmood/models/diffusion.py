@@ -13,6 +13,7 @@ from dgmood.models.noise import BETA_MAX, BETA_MIN, t_to_sigma, vp_score
 __all__ = [
     "RECONSTRUCTION_SIGMAS",
     "SOLVERS",
+    "difference_trace",
     "flipd",
     "karras_sigmas",
     "normal_bundle_lid",
@@ -242,6 +243,7 @@ def flipd(
     exact: bool = False,
     probe: str = "rademacher",
     generator: torch.Generator | None = None,
+    difference: float | None = None,
 ) -> torch.Tensor:
     r"""FLIPD estimate of the local intrinsic dimension (Kamkari et al. 2024; METHODS §3).
 
@@ -259,6 +261,8 @@ def flipd(
         exact: Exact trace by D vjps instead (fine for small D).
         probe: ``"rademacher"`` or ``"gaussian"``.
         generator: Source of the probes.
+        difference: None: the trace by autograd; a number r: by central differences of step r·σ₀
+            (:func:`difference_trace`, forward passes only; not with ``exact``).
 
     Returns:
         Tensor of shape (N,): the LID estimate (a real number; not clipped to [0, D]).
@@ -268,11 +272,45 @@ def flipd(
     """
     x = x.detach()
     v = None if exact else _draw_probes((probes, *x.shape), probe, generator, x.dtype, x.device)
+    if difference is not None and v is not None:
+        trace, squared_norm = difference_trace(score_fn, x, sigma0, v, difference * sigma0)
+        return x[0].numel() + sigma0**2 * (trace + squared_norm)
     with torch.enable_grad():
         xg = x.requires_grad_(True)
         score = score_fn(xg, sigma_like(x, sigma0))
         trace = _jacobian_trace(score, xg, v)
     return (x[0].numel() + sigma0**2 * (trace + score.flatten(1).square().sum(1))).detach()
+
+
+@torch.no_grad()
+def difference_trace(score_fn: ScoreFn, x: torch.Tensor, sigma: float, probes: torch.Tensor,
+                     step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Hutchinson trace of ∇ₓs(x, σ) by central differences, and ‖s(x, σ)‖², from forward passes only.
+
+    .. math:: v^\top \nabla_x s\, v \approx v^\top \frac{s(x + h v) - s(x - h v)}{2h}, \qquad
+              s(x) \approx \tfrac12 \left(s(x + h v) + s(x - h v)\right),
+
+    both exact up to O(h²) (the same probe v as the autograd trace, so the two estimates differ by O(h²), not by
+    Hutchinson noise). Cost: two network calls per probe without a graph, against one forward pass with a graph
+    and one vector–Jacobian product per probe.
+
+    Arguments:
+        score_fn: s(x̃, σ), pixel scale.
+        x: Images (N, C, H, W).
+        sigma: Noise level, pixel scale.
+        probes: (P, N, C, H, W) Hutchinson probes.
+        step: h, pixel scale (e.g. 1 % of σ).
+
+    Returns:
+        (trace, squared score norm), each (N,), the means over the probes.
+    """
+    traces, norms = [], []
+    sig = sigma_like(x, sigma).repeat(2)
+    for v in probes:
+        plus, minus = score_fn(torch.cat([x + step * v, x - step * v]), sig).chunk(2)
+        traces.append(((plus - minus) * v).flatten(1).sum(1) / (2 * step))
+        norms.append((0.5 * (plus + minus)).flatten(1).square().sum(1))
+    return torch.stack(traces).mean(0), torch.stack(norms).mean(0)
 
 
 def _largest_gap_normal_dim(singular_values: torch.Tensor) -> torch.Tensor:

@@ -109,15 +109,19 @@ class ScoreNet(nn.Module):
 
     def scaled_score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """σ·s(x, σ), the predicted −ε: x of shape (N, C, H, W) in pixel units, σ of shape (N,)."""
+        return self.scaled_score_and_mid(x, sigma)[0]
+
+    def scaled_score_and_mid(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ·s(x, σ), the middle block's activations (N, C_mid, h, w)) from one pass; shapes as :meth:`scaled_score`."""
         cfg = self.config
         if x.shape[1:] != tuple(cfg.image_shape):
             raise ValueError(f"images of shape {tuple(x.shape[1:])} given to a model for {tuple(cfg.image_shape)}")
         c_in = 1.0 / torch.sqrt(sigma**2 + cfg.sigma_data**2)
         h = (x - 0.5) * c_in[:, None, None, None]
         h = F.pixel_unshuffle(_pad_to(h, cfg.patch), cfg.patch) if cfg.patch > 1 else h
-        out = self._unet(self.stem(h), self.embed(sigma))
+        out, mid = self._unet(self.stem(h), self.embed(sigma))
         out = F.pixel_shuffle(out, cfg.patch) if cfg.patch > 1 else out
-        return out[..., : x.shape[-2], : x.shape[-1]]
+        return out[..., : x.shape[-2], : x.shape[-1]], mid
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The score s(x, σ) ≈ ∇ₓ log q_σ(x): shapes as :meth:`scaled_score`, units 1/pixel."""
@@ -130,13 +134,13 @@ class ScoreNet(nn.Module):
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
-        h = self.mid(h, emb)
+        h = mid = self.mid(h, emb)
         for block in self.up_blocks:
             skip = skips.pop()
             if h.shape[-2:] != skip.shape[-2:]:
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb)
-        return self.head(h)
+        return self.head(h), mid
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:

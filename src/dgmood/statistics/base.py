@@ -41,11 +41,14 @@ class Statistic:
         name: Short name, the cache folder and the prefix of the column names.
         log_scale: Whether detectors should see log values (positive norms, errors, distances).
         fitted: Names of fitted attributes saved by :meth:`state`.
+        forward_only: The statistic needs the network's forward passes only (no gradients), so it may be given
+            the exported network (:class:`~dgmood.models.exported.OnnxScoreNet`) instead of the module.
     """
 
     name: ClassVar[str] = ""
     log_scale: ClassVar[bool] = False
     fitted: ClassVar[tuple[str, ...]] = ()
+    forward_only: ClassVar[bool] = False
 
     def get_params(self) -> dict:
         """Constructor parameters and their values (JSON types)."""

@@ -23,21 +23,15 @@ def mid_features(model, images: np.ndarray, sigma: float, batch_size: int = 256,
     """The middle block's activations of ``model.scaled_score(x, σ)``, flattened: (N, C·h·w) float32.
 
     Args:
-        model: A :class:`~dgmood.models.network.ScoreNet` (it has ``mid``).
+        model: A :class:`~dgmood.models.network.ScoreNet` or its :class:`~dgmood.models.exported.OnnxScoreNet`.
         images: (N, C, H, W) in [0, 1].
         sigma: Noise level the network is conditioned on (the images are not noised).
     """
-    if not hasattr(model, "mid"):
+    if not hasattr(model, "scaled_score_and_mid"):
         raise ValueError("feature k-NN needs a score network with a middle block (a ScoreNet)")
-    captured = []
-    handle = model.mid.register_forward_hook(lambda module, args, out: captured.append(out.flatten(1).cpu()))
-    try:
-        x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        for start in range(0, len(x_all), batch_size):
-            x = x_all[start:start + batch_size].to(device)
-            model.scaled_score(x, torch.full((len(x),), float(sigma), device=device))
-    finally:
-        handle.remove()
+    x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    captured = [model.scaled_score_and_mid(x, torch.full((len(x),), float(sigma), device=device))[1].flatten(1).cpu()
+                for x in (x_all[i:i + batch_size].to(device) for i in range(0, len(x_all), batch_size))]
     return torch.cat(captured).numpy() if captured else np.zeros((0, 0), np.float32)
 
 
@@ -59,6 +53,7 @@ class FeatureKNN(Statistic):
 
     name = "feature_knn"
     log_scale = True
+    forward_only = True
     fitted = ("mean_", "components_", "bank_")
 
     def __init__(self, sigma=0.1, k=5, dims=128, max_bank=20000, batch_size=256):

@@ -45,6 +45,7 @@ class ScoreFieldDeviation(Statistic):
 
     name = "field"
     log_scale = True
+    forward_only = True
     fitted = ("mean_", "std_")
 
     def __init__(self, sigmas=(1.0, 0.1, 0.01), max_fit=5000, min_std=0.1, batch_size=128):

@@ -30,7 +30,7 @@ def calibration_sample(images: np.ndarray, stat) -> tuple[float, np.ndarray]:
 
 
 def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, seed: int = 0,
-                    device="cpu") -> dict:
+                    device="cpu", difference: float | None = None) -> dict:
     """FLIPD's σ₀ (pixel scale) whose mean LID over the calibration ``points`` (n, C, H, W) equals ``target``.
 
     Bisection between the pixel σ of VP times 1e-4 and 1 (:func:`dgmood.statistics.calibrate.calibrate_sigma0`);
@@ -47,7 +47,7 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
 
     def mean_flipd(sigma0: float) -> float:
         gen = torch.Generator().manual_seed(seed)
-        return float(flipd(model, x, sigma0, probes=probes, generator=gen).mean())
+        return float(flipd(model, x, sigma0, probes=probes, generator=gen, difference=difference).mean())
 
     lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
     try:
@@ -76,24 +76,33 @@ class FLIPD(Statistic):
         seed: Seed of the probes and of the calibration draw.
         calibration_n, lpca_queries, lpca_pool, lpca_neighbors: The calibration (the paper: 80 points, k = 1000).
         batch_size: Images per network call.
+        difference: None: the Hutchinson trace by autograd; r: by central differences of step r·σ₀, forward
+            passes only (:func:`dgmood.models.diffusion.difference_trace`; the combined detector's default).
     """
 
     name = "flipd"
     fitted = ("sigma0_",)
 
     def __init__(self, sigma0=None, probes=4, seed=0, calibration_n=80, lpca_queries=200, lpca_pool=10000,
-                 lpca_neighbors=1000, batch_size=32):
+                 lpca_neighbors=1000, batch_size=32, difference=None):
         self.sigma0, self.probes, self.seed = sigma0, int(probes), int(seed)
         self.calibration_n, self.lpca_queries = int(calibration_n), int(lpca_queries)
         self.lpca_pool, self.lpca_neighbors, self.batch_size = int(lpca_pool), int(lpca_neighbors), int(batch_size)
+        self.difference = None if difference is None else float(difference)
         self.sigma0_ = None
+
+    @property
+    def forward_only(self) -> bool:
+        """True with the difference trace (forward passes only), False with the autograd one."""
+        return self.difference is not None
 
     def fit(self, model, images, device="cpu", progress=False):
         if self.sigma0 is not None:
             self.sigma0_ = float(self.sigma0)
             return self
         target, points = calibration_sample(images, self)
-        self.calibration_ = dict(calibrate_flipd(model, points, target, self.probes, self.seed, device),
+        self.calibration_ = dict(calibrate_flipd(model, points, target, self.probes, self.seed, device,
+                                                 self.difference),
                                  target_lpca=target)
         self.sigma0_ = float(self.calibration_["value"])
         return self
@@ -109,7 +118,9 @@ class FLIPD(Statistic):
 
         if self.sigma0_ is None:
             raise ValueError("FLIPD is not fitted: call fit(model, train_images) to calibrate σ₀, or pass sigma0")
-        return compute_statistic(model, images, self._lens(), "flipd", device, progress, sigma0=self.sigma0_)[0]
+        return compute_statistic(model, images, self._lens(), "flipd", device, progress, sigma0=self.sigma0_,
+                                 difference=self.difference)[0]
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {"probes": self.probes, "seed": self.seed, "noise": "per-image", "sigma0": self.sigma0_}
+        settings = {"probes": self.probes, "seed": self.seed, "noise": "per-image", "sigma0": self.sigma0_}
+        return settings if self.difference is None else dict(settings, difference=self.difference)

@@ -144,11 +144,11 @@ def _diffusion_log_likelihood(model, x, config, generator):
                                  generator=generator)["nats"]
 
 
-def _diffusion_flipd(model, x, config, generator, sigma0: float):
+def _diffusion_flipd(model, x, config, generator, sigma0: float, difference: float | None = None):
     from dgmood.models.diffusion import ImageNoise, flipd
 
     # probes seeded by each image (not its place in the batch): an image's LID is the same in any batch
-    return flipd(model, x, sigma0, probes=config.probes, generator=ImageNoise(x, config.seed))
+    return flipd(model, x, sigma0, probes=config.probes, generator=ImageNoise(x, config.seed), difference=difference)
 
 
 def _diffusion_normal_bundle_sv(model, x, config, generator):

@@ -129,6 +129,7 @@ class AnomalyMap(Statistic):
 
     name = "anomaly_map"
     fitted = ("mean_", "std_", "diff_mean_", "diff_std_")
+    forward_only = True
 
     def __init__(self, sigmas=(1.0, 0.3, 0.1), max_fit=2000, min_std=0.1, diff_min_std=0.05, batch_size=128):
         self.sigmas = tuple(float(s) for s in sigmas)

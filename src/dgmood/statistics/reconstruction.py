@@ -20,6 +20,7 @@ class Reconstruction(Statistic):
 
     name = "reconstruction"
     log_scale = True
+    forward_only = True
 
     def __init__(self, sigmas=(0.1, 0.3), steps=5, seed=0, batch_size=32):
         self.sigmas, self.steps = tuple(float(s) for s in sigmas), int(steps)

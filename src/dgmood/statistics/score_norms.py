@@ -243,6 +243,7 @@ class ScoreNorms(Statistic):
 
     name = "score_norms"
     log_scale = True
+    forward_only = True
 
     def __init__(self, sigmas=(1.0, 0.01), batch_size=500):
         self.sigmas = tuple(float(s) for s in sigmas)
