@@ -15,6 +15,17 @@ torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 
 
+def random_head_net(shape, channels=(8, 16, 16), seed=0, dtype=torch.float32):
+    """A small ScoreNet whose zero-initialised head is randomised, so outputs are not trivially 0."""
+    from dgmood.models.network import NetConfig, ScoreNet
+
+    torch.manual_seed(seed)
+    net = ScoreNet(NetConfig(image_shape=shape, channels=channels, emb_dim=8)).to(dtype).eval()
+    torch.nn.init.normal_(net.head[-1].weight, std=0.1)
+    torch.nn.init.normal_(net.head[-1].bias, std=0.1)
+    return net
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The directory holding the IDX files; tests needing it skip when it is absent."""

@@ -4,25 +4,20 @@ detector's runtime; FLIPD's difference trace against the autograd one on a real 
 import numpy as np
 import pytest
 import torch
+from conftest import random_head_net
 
 from dgmood.methods.recipes import build_detector
 from dgmood.models.diffusion import flipd
 from dgmood.models.exported import OnnxScoreNet, resolve_runtime
 from dgmood.models.flow import FlowConfig
-from dgmood.models.network import NetConfig, ScoreNet
 from dgmood.models.registry import build_model
 from dgmood.statistics.feature_knn import FeatureKNN
 from dgmood.statistics.reconstruction import Reconstruction
 from dgmood.statistics.score_norms import ScoreNorms
 
 
-def _net(shape, channels=(8, 16)):
-    """A small ScoreNet with a randomised head (the trained head is zero at initialisation)."""
-    torch.manual_seed(0)
-    net = ScoreNet(NetConfig(image_shape=shape, channels=channels, emb_dim=8)).eval()
-    torch.nn.init.normal_(net.head[-1].weight, std=0.1)
-    torch.nn.init.normal_(net.head[-1].bias, std=0.1)
-    return net
+def _net(shape):
+    return random_head_net(shape, channels=(8, 16))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_head_net
 
 from dgmood.models.network import NetConfig, ScoreNet
 
@@ -12,13 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 
 
-def _net(shape, channels=(8, 16, 16), seed=0, dtype=torch.float32):
-    """A small ScoreNet whose zero-initialised head is randomised, so outputs are not trivially 0."""
-    torch.manual_seed(seed)
-    net = ScoreNet(NetConfig(image_shape=shape, channels=channels, emb_dim=8)).to(dtype).eval()
-    torch.nn.init.normal_(net.head[-1].weight, std=0.1)
-    torch.nn.init.normal_(net.head[-1].bias, std=0.1)
-    return net
+_net = random_head_net
 
 
 def _inputs(shape, n=3, dtype=torch.float32, seed=1):

@@ -155,7 +155,7 @@ class ImageDetector:
     def network_for(self, stat) -> object:
         """The network ``stat`` runs on: the ONNX Runtime session of the model for a forward-only statistic (or
         the anomaly map) when the runtime is ``onnx``, else the module itself. Traced once, at first use."""
-        if self.runtime != "onnx" or not getattr(stat, "forward_only", True):
+        if self.runtime != "onnx" or not stat.forward_only:
             return self.model
         if self._exported is None:
             from dgmood.models.exported import OnnxScoreNet

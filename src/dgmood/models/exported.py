@@ -39,11 +39,11 @@ def resolve_runtime(runtime: str, model, device) -> str:
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    usable = isinstance(model, ScoreNet) and torch.device(device).type == "cpu"
-    if runtime == "onnx" and not (usable and onnx_available()):
+    usable = isinstance(model, ScoreNet) and torch.device(device).type == "cpu" and onnx_available()
+    if runtime == "onnx" and not usable:
         raise ValueError("runtime onnx needs a score network on the CPU and onnxruntime installed "
                          "(`pip install onnxruntime`), or use runtime torch")
-    return "onnx" if runtime == "onnx" or (runtime == "auto" and usable and onnx_available()) else "torch"
+    return "onnx" if runtime != "torch" and usable else "torch"
 
 
 class _Traced(torch.nn.Module):
@@ -107,10 +107,8 @@ class OnnxScoreNet:
         sigmas = np.ascontiguousarray(sigma.detach().cpu().numpy(), dtype=np.float32).reshape(-1)
         parts = [self._session.run(None, {"x": xs[i:i + self.max_batch], "sigma": sigmas[i:i + self.max_batch]})
                  for i in range(0, len(xs), self.max_batch)]
-        if len(parts) == 1:
-            return torch.from_numpy(parts[0][0]), torch.from_numpy(parts[0][1])
-        return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                torch.from_numpy(np.concatenate([p[1] for p in parts])))
+        out, mid = (torch.from_numpy(np.concatenate(outputs)) for outputs in zip(*parts))
+        return out, mid
 
     def scaled_score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """σ·s(x, σ), shapes as :meth:`scaled_score_and_mid`."""

@@ -30,8 +30,11 @@ def mid_features(model, images: np.ndarray, sigma: float, batch_size: int = 256,
     if not hasattr(model, "scaled_score_and_mid"):
         raise ValueError("feature k-NN needs a score network with a middle block (a ScoreNet)")
     x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    captured = [model.scaled_score_and_mid(x, torch.full((len(x),), float(sigma), device=device))[1].flatten(1).cpu()
-                for x in (x_all[i:i + batch_size].to(device) for i in range(0, len(x_all), batch_size))]
+    captured = []
+    for start in range(0, len(x_all), batch_size):
+        x = x_all[start:start + batch_size].to(device)
+        _, mid = model.scaled_score_and_mid(x, torch.full((len(x),), float(sigma), device=device))
+        captured.append(mid.flatten(1).cpu())
     return torch.cat(captured).numpy() if captured else np.zeros((0, 0), np.float32)
 
 
