@@ -440,8 +440,8 @@ def _evaluate_methods(run, method, baselines, ood_specs, in_spec, features):
 
 def _evaluate_and_report(run, ood_specs, in_spec=""):
     start = time.perf_counter()
-    results, scores, features = run.evaluate(ood_specs, in_spec)
-    table = run.write_outputs(results, scores, features, seconds=time.perf_counter() - start)
+    ev, features = run.evaluate(ood_specs, in_spec)
+    table = run.write_outputs(ev, features, seconds=time.perf_counter() - start)
     click.echo(table)
     click.echo(f"\nreport: {run.directory / 'report.md'}")
 

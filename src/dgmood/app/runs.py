@@ -313,51 +313,47 @@ class Run:
         """The fitted MSMA detectors' array estimators (name → estimator), fitted when missing or stale."""
         return {name: self.image_detector(f"msma-{name}").estimator for name in self.config.detectors}
 
-    def evaluate(self, ood_specs: list[str], in_spec: str = "") -> tuple[dict, dict, dict]:
+    def evaluate(self, ood_specs: list[str], in_spec: str = "") -> tuple:
         """Score the in-distribution test set and each OOD set with every MSMA detector (``--method msma``): the
-        one evaluation of :meth:`evaluate_methods` over the ``msma-NAME`` recipes, plus the score-norm features
-        its report plots.
+        one evaluation of :meth:`evaluate_methods` over the ``msma-NAME`` recipes, its methods named by detector
+        (``knn``, ``gmm``, ``flow``), plus the score-norm features its report plots.
 
         Returns:
-            ``results`` (detector → OOD spec → metric → value), ``scores`` (detector →
-            {"in": (N,), "ood": {spec: (M,)}}), and ``features`` (spec → FeatureSet).
+            (:class:`~dgmood.evaluation.evaluate.Evaluation`, spec → FeatureSet).
         """
         in_spec = in_spec or self.config.in_test
         ev, _ = self.evaluate_methods([f"msma-{name}" for name in self.config.detectors], list(ood_specs), in_spec)
-        names = {f"msma-{name}": name for name in self.config.detectors}
-        results = {names[m]: r for m, r in ev.results.items()}
-        scores = {names[m]: sc for m, sc in ev.scores.items()}
-        features = {spec: self.features(spec) for spec in [in_spec, *ood_specs]}
-        write_json(self.directory / "evaluation.json", {"in": in_spec, "ood": list(ood_specs)})
-        return results, scores, features
+        for table in (ev.results, ev.scores, ev.values, ev.seconds):
+            renamed = {m.removeprefix("msma-"): v for m, v in table.items()}
+            table.clear()
+            table.update(renamed)
+        return ev, {spec: self.features(spec) for spec in [in_spec, *ood_specs]}
 
-    def write_outputs(self, results: dict, scores: dict, features: dict, seconds: float) -> str:
-        """Write metrics.json/.csv, the PNG plots and report.md; returns the text metrics table."""
+    def write_outputs(self, ev, features: dict, seconds: float) -> str:
+        """The one output step (:func:`~dgmood.evaluation.evaluate.write_evaluation`) with MSMA's per-σ histograms
+        and 2-D view added; returns the text metrics table."""
         from dgmood.evaluation import report
+        from dgmood.evaluation.evaluate import write_evaluation
 
-        cfg, plots_dir = self.config, self.directory / "plots"
-        evaluation = json.loads((self.directory / "evaluation.json").read_text())
-        in_values = features[evaluation["in"]].values
-        ood_values = {s: features[s].values for s in evaluation["ood"]}
-        rows = report.metrics_table(results)
-        report.write_metrics(self.directory, results)
+        plots_dir = self.directory / "plots"
+        in_values = features[ev.in_name].values
+        ood_values = {s: features[s].values for s in ev.ood_names}
         plots = {
-            "ROC curves per OOD set": report.plot_roc(scores, plots_dir / "roc.png"),
             "Score norms per σ, in-distribution vs OOD (MSMA Fig. 1a)": report.plot_histograms(
-                in_values, ood_values, cfg.features.sigmas(), plots_dir / "histograms.png"),
+                in_values, ood_values, self.config.features.sigmas(), plots_dir / "histograms.png"),
             "2-D view of the score-norm space (MSMA Fig. 1b)": report.plot_embedding(
                 self.features(self.fit_spec()).values, in_values, ood_values, plots_dir / "embedding.png"),
         }
-        report.write_report(self.directory, rows, plots, self._context(evaluation, seconds))
-        return report.format_table(rows, "text")
+        return write_evaluation(self.directory, ev, self._context(features[ev.in_name], ev.in_name, seconds),
+                                "dgmood OOD evaluation report", next(iter(ev.scores)), plots=plots)
 
-    def _context(self, evaluation: dict, seconds: float) -> dict:
+    def _context(self, in_features: FeatureSet, in_spec: str, seconds: float) -> dict:
         cfg = self.config
         log = json.loads((self.directory / "checkpoint" / "checkpoint.json").read_text())["log"]
-        in_meta = self.features(evaluation["in"]).meta
+        in_meta = in_features.meta
         return {
             "training set": cfg.data,
-            "in-distribution test set": evaluation["in"],
+            "in-distribution test set": in_spec,
             "detectors fitted on": self.fit_spec(),
             "model": f"ScoreNet channels {list(cfg.net.channels)}, patch {cfg.net.patch}",
             "model sha256": self.model_sha[:16],

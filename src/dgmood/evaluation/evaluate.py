@@ -72,9 +72,9 @@ def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Calla
 
 
 def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: str, main: str,
-                     extra: Mapping | None = None, galleries: Sequence = ()) -> str:
+                     extra: Mapping | None = None, galleries: Sequence = (), plots: Mapping | None = None) -> str:
     """metrics.json/.csv, ROC curves, the score histograms of method ``main``, report.md, report.html and
-    evaluation.json in ``directory``; returns the text metrics table.
+    evaluation.json in ``directory``: the one output step of every evaluation; returns the text metrics table.
 
     Args:
         directory: Output folder.
@@ -84,6 +84,7 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
         main: The method whose score histograms are drawn.
         extra: More JSON for evaluation.json.
         galleries: report.html's image galleries (:data:`dgmood.evaluation.html_report.Gallery`).
+        plots: More figures of the method (caption → PNG path), shown after the ROC curves and histograms.
     """
     from dgmood.evaluation import report
     from dgmood.utils.files import write_json
@@ -94,11 +95,12 @@ def write_evaluation(directory: Path, ev: Evaluation, context: Mapping, title: s
     write_json(directory / "evaluation.json", {"in": ev.in_name, "ood": ev.ood_names, "methods": list(ev.results),
                                                 **dict(extra or {})})
     entry = ev.scores[main]
-    plots = {
+    figures = {
         "ROC curves per OOD set": report.plot_roc(ev.scores, directory / "plots" / "roc.png"),
         f"Score of {main}, in-distribution vs each OOD set": report.plot_score_histograms(
             entry["in"], entry["ood"], directory / "plots" / "scores.png", label=f"{main} score"),
+        **dict(plots or {}),
     }
-    report.write_report(directory, rows, plots, context, title=title, galleries=galleries)
+    report.write_report(directory, rows, figures, context, title=title, galleries=galleries)
     return report.format_table(rows, "text")
 

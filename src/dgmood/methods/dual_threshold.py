@@ -11,10 +11,12 @@ Steps, all from training data except the scoring itself:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -65,6 +67,7 @@ class DualEvaluation:
         calibration: the stored calibration (target LPCA, parameter, value, achieved mean LID).
         seconds_per_image: statistic → seconds per image when it was computed.
         directory: Where metrics, plots and report go.
+        evaluation: The underlying :class:`~dgmood.evaluation.evaluate.Evaluation`.
     """
 
     results: dict
@@ -73,6 +76,7 @@ class DualEvaluation:
     calibration: dict
     seconds_per_image: dict
     directory: Path
+    evaluation: object = None
 
 
 class _Stats:
@@ -223,10 +227,26 @@ def _baselines(stats: _Stats, spec: str, pair: np.ndarray, fit_spec: str) -> dic
     return out
 
 
+class _LensScores:
+    """Every dual-threshold method as a detector of :func:`~dgmood.evaluation.evaluate.evaluate_detectors`: its
+    ``statistic_values`` are one set's cached (log-likelihood, LID) pair and baseline scores (computed once per
+    set and shared by the methods), its ``score_values`` pick the method's column."""
+
+    def __init__(self, method: str, table: Callable[[str], dict[str, np.ndarray]]):
+        self.method, self.table = method, table
+
+    def statistic_values(self, images_fn, key: str) -> dict[str, np.ndarray]:
+        return self.table(key)
+
+    def score_values(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        return values[self.method]
+
+
 def evaluate_dual(run, config: DualConfig, ood_specs: list[str], in_spec: str = "") -> DualEvaluation:
-    """Calibrate, fit and score the dual-threshold method and its baselines on a run (see module docstring)."""
+    """Calibrate, fit and score the dual-threshold method and its baselines on a run (see module docstring),
+    through the one :func:`~dgmood.evaluation.evaluate.evaluate_detectors`."""
     from dgmood.detectors.dual import DualThresholdDetector, optimal_roc_auc
-    from dgmood.evaluation.metrics import evaluate
+    from dgmood.evaluation.evaluate import evaluate_detectors
 
     in_spec = in_spec or run.config.in_test
     if not in_spec:
@@ -241,17 +261,20 @@ def evaluate_dual(run, config: DualConfig, ood_specs: list[str], in_spec: str = 
     fit_spec = _head(stats, config.fit_n)
     pairs = {spec: _pair(stats, spec, calib) for spec in dict.fromkeys([fit_spec, in_spec, *ood_specs])}
     detector = DualThresholdDetector(acceptance=config.acceptance).fit(pairs[fit_spec])
-    per_spec = {spec: dict(_baselines(stats, spec, pairs[spec], fit_spec), **{"dual-threshold": detector.score_samples(
-        pairs[spec])}) for spec in [in_spec, *ood_specs]}
-    methods = ["dual-threshold", *(m for m in per_spec[in_spec] if m != "dual-threshold")]
-    scores = {m: {"in": per_spec[in_spec][m], "ood": {s: per_spec[s][m] for s in ood_specs}} for m in methods}
-    results = {m: {s: evaluate(sc["in"], sc["ood"][s]) for s in ood_specs} for m, sc in scores.items()}
+
+    @functools.cache
+    def table(spec: str) -> dict[str, np.ndarray]:
+        return {"dual-threshold": detector.score_samples(pairs[spec]), **_baselines(stats, spec, pairs[spec], fit_spec)}
+
+    methods = list(table(in_spec))
+    ev = evaluate_detectors({m: _LensScores(m, table) for m in methods}, (in_spec, lambda: None),
+                            {spec: (lambda: None) for spec in ood_specs})
     for s in ood_specs:
         p_in, p_out = pairs[in_spec], pairs[s]
-        results["dual-threshold"][s]["auroc_optimal_dual"] = optimal_roc_auc(p_in[:, 0], p_in[:, 1], p_out[:, 0],
-                                                                             p_out[:, 1])
+        ev.results["dual-threshold"][s]["auroc_optimal_dual"] = optimal_roc_auc(p_in[:, 0], p_in[:, 1], p_out[:, 0],
+                                                                                p_out[:, 1])
     calib = dict(calib, thresholds=[float(t) for t in detector.thresholds_], fit_data=fit_spec)
-    return DualEvaluation(results, scores, pairs, calib, dict(stats.seconds), run.directory / config.name)
+    return DualEvaluation(ev.results, ev.scores, pairs, calib, dict(stats.seconds), run.directory / config.name, ev)
 
 
 def _context(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds: float) -> dict:
@@ -278,24 +301,21 @@ def _context(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds:
 
 
 def write_dual_outputs(run, config: DualConfig, ev: DualEvaluation, in_spec: str, seconds: float) -> str:
-    """metrics.json/.csv, the scatter and ROC plots and report.md in ``ev.directory``; returns the text table."""
+    """The one output step (:func:`~dgmood.evaluation.evaluate.write_evaluation`) with the pair scatter and the
+    dual-threshold ROC added, in ``ev.directory``; returns the text table."""
     from dgmood.evaluation import report
-    from dgmood.utils.files import write_json
+    from dgmood.evaluation.evaluate import write_evaluation
 
     out = ev.directory
-    ood = {s: ev.pairs[s] for s in ev.scores["likelihood"]["ood"]}
-    rows = report.metrics_table(ev.results)
-    report.write_metrics(out, ev.results)
-    write_json(out / "evaluation.json", {"in": in_spec, "ood": list(ood), "lens": settings_dict(config.lens),
-                                          "fit_n": config.fit_n, "calibration": ev.calibration,
-                                          "seconds_per_image": ev.seconds_per_image})
+    ood = {s: ev.pairs[s] for s in ev.evaluation.ood_names}
     plots = {
         "Log-likelihood vs LID, in-distribution vs each OOD set (dashed: fitted thresholds)": report.plot_pairs(
             ev.pairs[in_spec], ood, out / "plots" / "pairs.png", thresholds=ev.calibration["thresholds"]),
         "Dual-threshold ROC (optimal threshold pairs) vs single-threshold ROCs": report.plot_dual_roc(
             ev.pairs[in_spec], ood, ev.scores, out / "plots" / "dual_roc.png"),
-        "ROC of every method": report.plot_roc(ev.scores, out / "plots" / "roc.png"),
     }
-    report.write_report(out, rows, plots, _context(run, config, ev, in_spec, seconds),
-                        title=f"dgmood dual-threshold report ({config.lens.lens} lens, {config.lens.lid} LID)")
-    return report.format_table(rows, "text")
+    return write_evaluation(out, ev.evaluation, _context(run, config, ev, in_spec, seconds),
+                            f"dgmood dual-threshold report ({config.lens.lens} lens, {config.lens.lid} LID)",
+                            "dual-threshold", {"lens": settings_dict(config.lens), "fit_n": config.fit_n,
+                                               "calibration": ev.calibration,
+                                               "seconds_per_image": ev.seconds_per_image}, plots=plots)
