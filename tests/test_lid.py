@@ -7,7 +7,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.estimator_checks import check_estimator
 
-from dgmood.statistics.lpca import LPCA, fukunaga_olsen, lpca, mean_lpca, neighbourhood_eigenvalues
+from dgmood.statistics.lpca import LPCA, fukunaga_olsen, lpca, mean_lpca, neighbourhood_eigenvalues, symmetric_eigenvalues
 from dgmood.data.toy import LOLLIPOP_CENTRE, LOLLIPOP_JUNCTION, LOLLIPOP_RADIUS, embedded_gaussian, lollipop
 
 
@@ -92,6 +92,16 @@ def test_gram_path_matches_covariance(k, dim):
     for i in range(4):
         np.testing.assert_allclose(ev[i].numpy(), PCA().fit(hoods[i].numpy()).explained_variance_,
                                    rtol=1e-9, atol=1e-12 * float(cov.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_eigenvalues_match_torch(dtype):
+    a = torch.as_tensor(np.random.default_rng(0).standard_normal((5, 40, 12)), dtype=dtype)
+    mats = a.mT @ a
+    ev = symmetric_eigenvalues(mats)
+    assert ev.dtype == dtype and ev.shape == (5, 12)
+    torch.testing.assert_close(ev, torch.linalg.eigvalsh(mats))
+    assert symmetric_eigenvalues(mats[:0]).shape == (0, 12)
 
 
 @pytest.mark.parametrize("dim, k", [(30, 20), (30, 60)])
