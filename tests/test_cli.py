@@ -70,6 +70,19 @@ def test_dry_run_prints_resolved_config(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
 
 
+def test_mixed_precision_defaults_to_the_cpus_native_bf16(tmp_path, data_dir):
+    from dgmood.models.train import native_bf16
+
+    def amp(*flags):
+        result = invoke("train", "--run", tmp_path / "r", "--data-dir", data_dir, "--dry-run", *flags)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["train"]["amp"]
+
+    assert amp() is native_bf16("cpu")
+    assert amp("--amp") is True and amp("--no-amp") is False
+    assert amp("--model", "flow", "--data", "constant[:20]") is False  # the flow always trains in fp32
+
+
 def _bad_inputs(tmp_path):
     nan = np.zeros((5, 28, 28), np.float32)
     nan[0, 0, 0] = np.nan

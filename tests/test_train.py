@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import dgmood.models.train as train_mod
 from dgmood.models.checkpoint import META, STATE, WEIGHTS
 from dgmood.models.network import NetConfig, ScoreNet
-from dgmood.models.train import TrainConfig, _batch_indices, learning_rate, read_train_log, train
+from dgmood.models.train import TrainConfig, _batch_indices, learning_rate, native_bf16, read_train_log, train
 
 M, S = 0.5, 0.1  # pixels i.i.d. N(M, S²)
 SMALL = NetConfig(image_shape=(1, 8, 8), channels=(8, 16), emb_dim=8)
@@ -199,3 +199,11 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path):
     for a, b in zip(fp32, amp):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_native_bf16_is_a_property_of_the_device():
+    assert native_bf16("meta") is False
+    assert native_bf16("cpu") is any(bool(getattr(torch.cpu, f, lambda: False)())
+                                     for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if not torch.cuda.is_available():
+        assert native_bf16("cuda") is False
