@@ -42,8 +42,10 @@ def score_run(tmp_path_factory, data_dir, sets):
 
 def _check_outputs(directory, methods, ood):
     for name in ["metrics.json", "metrics.csv", "report.md", "report.html", "calibration.json", "evaluation.json",
-                 "plots/pairs.png", "plots/dual_roc.png", "plots/roc.png"]:
+                 "plots/pairs.png", "plots/dual_roc.png", "plots/roc.png", "plots/scores.png"]:
         assert (directory / name).is_file(), name
+    # written by the one output step of every evaluation (evaluation.write_evaluation)
+    assert json.loads((directory / "evaluation.json").read_text())["methods"][0] == "dual-threshold"
     metrics = json.loads((directory / "metrics.json").read_text())
     assert set(methods) <= set(metrics)
     for ood in ood:
@@ -154,6 +156,14 @@ def test_mismatched_lens_is_a_clean_error(flow_run, data_dir, sets, args, messag
                     *args, "--ood", "uniform[:4]", "--quiet")
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_evaluation_has_the_one_guard(flow_run, score_run):
+    calls = [lambda: evaluate_dual(flow_run, DualConfig(lens=LensConfig("flow", "jacobian"), fit_n=16), []),
+             lambda: score_run.evaluate_methods(["pixel-knn"], []), lambda: score_run.evaluate([])]
+    for call in calls:
+        with pytest.raises(ValueError, match="^no OOD set given; name at least one with --ood SPEC$"):
+            call()
 
 
 @pytest.mark.parametrize("method", ["msma", "combined", "msma-knn"])

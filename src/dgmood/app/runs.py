@@ -289,13 +289,10 @@ class Run:
         Returns:
             (:class:`~dgmood.evaluation.evaluate.Evaluation`, {method: ImageDetector}).
         """
-        from dgmood.evaluation.evaluate import evaluate_detectors
+        from dgmood.evaluation.evaluate import check_sets, evaluate_detectors
 
         in_spec = in_spec or self.config.in_test
-        if not in_spec:
-            raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
-        if not ood_specs and not extra_sets:
-            raise ValueError("no OOD set given; name at least one with --ood SPEC")
+        check_sets(in_spec, [*ood_specs, *(extra_sets or {})])
         in_images = self.images(in_spec)  # every named set read and checked before any fitting
         ood_images = {spec: self.images(spec) for spec in ood_specs}
         detectors = {m: self.image_detector(m, config if i == 0 else None) for i, m in enumerate(methods)}

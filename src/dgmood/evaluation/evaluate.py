@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Evaluation", "evaluate_detectors", "write_evaluation"]
+__all__ = ["Evaluation", "check_sets", "evaluate_detectors", "write_evaluation"]
 
 
 @dataclass
@@ -44,6 +44,15 @@ class Evaluation:
         return list(first["ood"])
 
 
+def check_sets(in_name: str, ood_names) -> None:
+    """The one guard of every evaluation, before anything is fitted: an in-distribution test set and at least one
+    OOD set are named (ValueError with a one-line message that says which option to pass)."""
+    if not in_name:
+        raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
+    if not ood_names:
+        raise ValueError("no OOD set given; name at least one with --ood SPEC")
+
+
 def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Callable[[], np.ndarray]],
                        ood_sets: Mapping[str, Callable[[], np.ndarray]]) -> Evaluation:
     """Scores and metrics of every detector on the in-distribution test set and each OOD set.
@@ -55,9 +64,8 @@ def evaluate_detectors(detectors: Mapping[str, object], in_set: tuple[str, Calla
     """
     from dgmood.evaluation.metrics import evaluate
 
-    if not ood_sets:
-        raise ValueError("no OOD set given; name at least one with --ood SPEC")
     in_name, in_loader = in_set
+    check_sets(in_name, ood_sets)
     loaders = {in_name: functools.cache(in_loader), **{k: functools.cache(v) for k, v in ood_sets.items()}}
     ev = Evaluation(in_name, loaders=loaders)
     for method, det in detectors.items():

@@ -246,13 +246,10 @@ def evaluate_dual(run, config: DualConfig, ood_specs: list[str], in_spec: str = 
     """Calibrate, fit and score the dual-threshold method and its baselines on a run (see module docstring),
     through the one :func:`~dgmood.evaluation.evaluate.evaluate_detectors`."""
     from dgmood.detectors.dual import DualThresholdDetector, optimal_roc_auc
-    from dgmood.evaluation.evaluate import evaluate_detectors
+    from dgmood.evaluation.evaluate import check_sets, evaluate_detectors
 
     in_spec = in_spec or run.config.in_test
-    if not in_spec:
-        raise ValueError("no in-distribution test set known for this run; name one with --in SPEC")
-    if not ood_specs:
-        raise ValueError("no OOD set given; name at least one with --ood SPEC")
+    check_sets(in_spec, ood_specs)
     if (run.config.model == "flow") != (config.lens.lens == "flow"):
         raise ValueError(f"the {config.lens.lens} lens needs a {'flow' if config.lens.lens == 'flow' else 'score'} "
                          f"model, but {run.directory} holds a {run.config.model} model")
