@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from dgmood.app.runs import Run  # noqa: E402
 from dgmood.evaluation.localisation import paste_patches, pixel_auroc  # noqa: E402
-from dgmood.statistics.maps import difference_map, log_norms, pixel_score_norms  # noqa: E402
+from dgmood.statistics.maps import SMOOTH, difference_map, log_norms, pixel_score_norms, smoothed_map  # noqa: E402
 
 
 def main() -> None:
@@ -43,9 +43,16 @@ def main() -> None:
     for kind in ("noise", "square"):
         patched, masks = paste_patches(x, args.size, np.random.default_rng(0), kind)
         e = det.explain(patched)
-        row = {"anomaly map (eq. M5, the detector's)": pixel_auroc(e.maps, masks),
-               "its score-field part (eq. M3)": pixel_auroc(explainer.compute(det.model, patched), masks),
-               "nearest-image difference (eq. M4)": pixel_auroc(difference_map(patched, e.nearest), masks)}
+        difference = difference_map(patched, e.nearest)
+        unsmoothed = explainer.smooth
+        explainer.smooth = 0.0
+        m5, m3 = explainer.compute(det.model, patched, nearest=e.nearest), explainer.compute(det.model, patched)
+        explainer.smooth = unsmoothed
+        row = {f"anomaly map (eq. M6: M5 smoothed at {unsmoothed:g} px, the detector's)": pixel_auroc(e.maps, masks),
+               "eq. M5 unsmoothed": pixel_auroc(m5, masks),
+               "its score-field part (eq. M3, unsmoothed)": pixel_auroc(m3, masks),
+               "nearest-image difference (eq. M4)": pixel_auroc(difference, masks),
+               f"nearest-image difference smoothed at {SMOOTH:g} px": pixel_auroc(smoothed_map(difference, SMOOTH), masks)}
         z = (log_norms(pixel_score_norms(det.model, patched, explainer.sigmas)) - explainer.mean_) / explainer.std_
         row.update({f"score-field map at sigma={s:.4g} only": pixel_auroc(z[:, i], masks)
                     for i, s in enumerate(explainer.sigmas)})

@@ -35,7 +35,7 @@ import numpy as np
 
 from dgmood.data.datasets import prepare_images
 from dgmood.statistics.base import Statistic, as_columns, statistic_from_dict
-from dgmood.statistics.maps import AnomalyMap, difference_map, nearest_indices
+from dgmood.statistics.maps import SMOOTH, AnomalyMap, difference_map, nearest_indices, smoothed_map
 from dgmood.utils.errors import CheckpointError
 
 __all__ = ["FORMAT", "Explanation", "ImageDetector", "reasons"]
@@ -267,7 +267,7 @@ class ImageDetector:
         bank = self._bank()
         if maps and bank is not None:
             nearest = (bank[nearest_indices(bank, x)].astype(np.float32) / 255.0).reshape(x.shape)
-            anomaly = difference_map(x, nearest)
+            anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
         if maps and self.explainer is not None:
             with self._lock:
                 anomaly = np.concatenate([self.explainer.compute(

@@ -10,7 +10,8 @@ Two maps, both (N, H, W) float32, higher = more anomalous:
 * the **nearest-image difference** (:func:`difference_map`, eq. M4): the absolute difference, per pixel, to
   the nearest training image in raw pixels (the raw-pixel 1-NN's picture of "what is new here").
 
-:class:`AnomalyMap` standardises both by training images and averages them (eq. M5).
+:class:`AnomalyMap` standardises both by training images, averages them (eq. M5) and smooths the result over a
+pixel or so (eq. M6): an anomaly covers neighbouring pixels, while pixel noise in either view does not.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import torch
 from dgmood.statistics.base import Statistic
 
 __all__ = ["AnomalyMap", "combined_map", "difference_map", "log_norms", "nearest_indices", "pixel_moments", "pixel_score_norms",
-           "standardised_map"]
+           "smoothed_map", "standardised_map"]
+
+SMOOTH = 1.0
+"""σ of the maps' Gaussian smoothing (eq. M6), pixels."""
 
 LOG_FLOOR = 1e-6
 """Floor of per-pixel norms before the log (pixels where the score field vanishes)."""
@@ -106,15 +110,31 @@ def combined_map(score_map: np.ndarray, difference: np.ndarray, mean: np.ndarray
     return (0.5 * (score_map + (difference - mean) / std)).astype(np.float32)
 
 
+def smoothed_map(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Eq. M6: m̄(x) = G_σ * m(x), each map convolved with a 2-D Gaussian of ``sigma`` pixels (edges replicated);
+    ``sigma`` 0 returns the maps as they are. Shapes (N, H, W) → (N, H, W) float32.
+
+    Measured (``benchmarks/localisation.py``, docs/results.md): on 4 × 4 to 8 × 8 patches pasted into 28 × 28 images,
+    smoothing at 1 pixel raised the pixel AUROC of both the combined map and the nearest-image difference by
+    0.01–0.07, most on noise patches, whose pixels alternate between matching and not matching the background."""
+    from scipy.ndimage import gaussian_filter
+
+    maps = np.asarray(maps, dtype=np.float32)
+    if sigma <= 0:
+        return maps
+    return gaussian_filter(maps, sigma=(0.0, sigma, sigma), mode="nearest").astype(np.float32)
+
+
 class AnomalyMap(Statistic):
     """The anomaly map of an explained verdict, fitted on training images: (N, H, W) float32, higher = more
     anomalous, in training standard deviations.
 
     The score-field map (eqs. M1–M3) at ``sigmas``; with a raw-pixel bank (the detector's k-NN training images)
-    also the nearest-image difference (eq. M4), the two averaged (eq. M5). ``fit`` keeps the per-pixel mean
-    ``mean_`` and spread ``std_`` (L, H, W) of the training images' log norms and, with a bank, ``diff_mean_`` /
-    ``diff_std_`` (H, W) of their leave-one-out nearest-image differences; spreads are sqrt(var + floor²) so
-    pixels where every training image agrees (a black background) do not turn sensor noise into huge deviations.
+    also the nearest-image difference (eq. M4), the two averaged (eq. M5); then smoothed (eq. M6). ``fit`` keeps the
+    per-pixel mean ``mean_`` and spread ``std_`` (L, H, W) of the training images' log norms and, with a bank,
+    ``diff_mean_`` / ``diff_std_`` (H, W) of their leave-one-out nearest-image differences; spreads are
+    sqrt(var + floor²) so pixels where every training image agrees (a black background) do not turn sensor noise
+    into huge deviations.
 
     Measured (``benchmarks/localisation.py``, docs/results.md): σ below 0.1 localise a pasted patch poorly
     (pixel noise dominates the per-pixel field there), so the recipes give it the levels from 0.1 up.
@@ -125,16 +145,18 @@ class AnomalyMap(Statistic):
         min_std: Floor of the score-field spread, log units.
         diff_min_std: Floor of the difference's spread, pixel units.
         batch_size: Images per network call.
+        smooth: σ of the Gaussian smoothing (eq. M6), pixels; 0 for none.
     """
 
     name = "anomaly_map"
     fitted = ("mean_", "std_", "diff_mean_", "diff_std_")
     forward_only = True
 
-    def __init__(self, sigmas=(1.0, 0.3, 0.1), max_fit=2000, min_std=0.1, diff_min_std=0.05, batch_size=128):
+    def __init__(self, sigmas=(1.0, 0.3, 0.1), max_fit=2000, min_std=0.1, diff_min_std=0.05, batch_size=128,
+                 smooth=SMOOTH):
         self.sigmas = tuple(float(s) for s in sigmas)
         self.max_fit, self.min_std, self.diff_min_std = int(max_fit), float(min_std), float(diff_min_std)
-        self.batch_size = int(batch_size)
+        self.batch_size, self.smooth = int(batch_size), float(smooth)
         self.mean_ = self.std_ = self.diff_mean_ = self.diff_std_ = None
 
     def is_fitted(self) -> bool:
@@ -159,6 +181,6 @@ class AnomalyMap(Statistic):
             raise ValueError("AnomalyMap is not fitted; call fit(model, train_images) first")
         log_a = log_norms(pixel_score_norms(model, images, self.sigmas, self.batch_size, device))
         score_map = standardised_map(log_a, self.mean_, self.std_)
-        if nearest is None or self.diff_mean_ is None:
-            return score_map
-        return combined_map(score_map, difference_map(images, nearest), self.diff_mean_, self.diff_std_)
+        if nearest is not None and self.diff_mean_ is not None:
+            score_map = combined_map(score_map, difference_map(images, nearest), self.diff_mean_, self.diff_std_)
+        return smoothed_map(score_map, self.smooth)
