@@ -7,7 +7,8 @@ Prints and writes ``OUT/speed.json`` and ``OUT/speed.md``:
 - fp32 matmul GFLOP/s (2048 × 2048) and the score network's forward GFLOP/s at the batch size the statistics
   use (FLOPs counted by ``torch.utils.flop_counter``), run as the default detector runs it (ONNX Runtime where
   installed) and as the PyTorch module, and the first's ratio to the matmul;
-- training images/s (forward + backward + Adam, batch 128) of the run's architecture;
+- training images/s (forward + backward + Adam, batch 128) of the run's architecture, fp32 and, where the CPU
+  has bf16 units, under bf16 autocast (how `dgmood train` runs it there);
 - the default detector's time per image, statistic by statistic, on the first ``--n`` MNIST test images;
 - wall time of ``dgmood predict`` on those images in a fresh process (start, model load, scoring, CSV), for the
   default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory;
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import train_throughput  # noqa: E402
 
 from dgmood.app.runs import Run  # noqa: E402
+from dgmood.models.train import native_bf16  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
     result["network_gflops"], result["network_gflop_per_image"] = network_gflops(run.model, batch, runner=runner)
     result["network_fraction_of_matmul"] = result["network_gflops"] / result["matmul_gflops"]
     result["train_images_per_s"] = train_throughput(run.config.net)
+    if native_bf16("cpu"):  # dgmood trains under bf16 autocast here: time that too, side by side
+        result["train_bf16_images_per_s"] = train_throughput(run.config.net, amp=True)
     spec = f"mnist:test[:{args.n}]"
     result["statistic_ms"] = statistic_ms(detector, run.images(f"mnist:test[:{min(args.n, 2000)}]"))
     result["predict"] = {m: timed_predict(args.run, spec, m, args.out / f"{m}.csv", args.threads)
@@ -139,7 +143,9 @@ def main(argv=None) -> None:
         f"default detector runs it ({result['runtime']}): {result['network_gflops']:.1f} GFLOP/s = "
         f"{100 * result['network_fraction_of_matmul']:.0f} % of it ({1e3 * result['network_gflop_per_image']:.1f} "
         f"MFLOP per image and σ); the PyTorch module: {result['torch_network_gflops']:.1f} GFLOP/s",
-        f"- training: {result['train_images_per_s']:.0f} images/s (batch 128)",
+        f"- training: {result['train_images_per_s']:.0f} images/s fp32 (batch 128)"
+        + (f", {result['train_bf16_images_per_s']:.0f} images/s under bf16 autocast (dgmood's default on this CPU)"
+           if "train_bf16_images_per_s" in result else ""),
         "- statistics of the default detector, ms per image: "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["statistic_ms"].items())
         + f" (total {sum(result['statistic_ms'].values()):.2f})",

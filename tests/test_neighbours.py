@@ -53,3 +53,33 @@ def test_bad_sizes_are_one_line_errors(images):
         kneighbors(bank, queries[:, :10], 1)
     with pytest.raises(ValueError, match="at least 6"):
         kneighbors(bank[:5], queries, 5, exclude=np.zeros(500, int))
+
+
+def test_int8_search_between_8_bit_images_equals_the_fp32_search(images, monkeypatch):
+    from dgmood.statistics import neighbours
+
+    bank, queries = images
+    off_grid = np.clip(queries + 0.3 / 255.0, 0, 1).astype(np.float32)  # not 8-bit: takes the fp32 search
+    assert neighbours._search_space(bank, queries)[2] is neighbours.level_distances
+    assert neighbours._search_space(bank, off_grid)[2] is neighbours.squared_distances
+    assert neighbours._search_space(bank.astype(np.float32) / 255, queries)[2] is neighbours.squared_distances
+    d, i = kneighbors(bank, queries, 5, bank_chunk=700)
+    fp32 = lambda b, q: (neighbours.torch.as_tensor(q.astype(np.float32)), neighbours._as_float(b),  # noqa: E731
+                         neighbours.squared_distances)
+    monkeypatch.setattr(neighbours, "_search_space", fp32)
+    d32, i32 = kneighbors(bank, queries, 5, bank_chunk=700)
+    np.testing.assert_array_equal(d, d32)
+    assert (i == i32).mean() > 0.99  # ties between equally near training images may order differently
+
+
+def test_level_distances_are_exact_squared_level_distances():
+    import torch
+
+    from dgmood.statistics.neighbours import level_distances
+
+    rng = np.random.default_rng(0)
+    q, b = rng.integers(0, 256, (7, 784)), rng.integers(0, 256, (11, 784))
+    shift = lambda u: torch.as_tensor(u - 128, dtype=torch.int8)  # noqa: E731
+    out = level_distances(shift(q), shift(b), torch.as_tensor(((b - 128) ** 2).sum(1), dtype=torch.int32))
+    assert out.dtype == torch.int32
+    np.testing.assert_array_equal(out.numpy(), ((q[:, None, :] - b[None, :, :]) ** 2).sum(2))
