@@ -38,6 +38,9 @@ def test_run_writes_every_output(run_dir):
     assert all(0.0 <= v <= 1.0 for d in metrics.values() for m in d.values() for v in m.values())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["net"]["channels"] == [8, 16] and config["train"]["steps"] == 6
+    page = (run_dir / "report.html").read_text()  # the one output step: galleries of the first detector (gmm)
+    assert "Most atypical: fashion-mnist:test[:200]" in page and "Most in-distribution-looking: uniform[:100]" in page
+    assert page.count("data:image/png") == 4 + 3 * 16  # ROC, scores, histograms, 2-D view; 16 tiles per set
     assert "| gmm" in (run_dir / "report.md").read_text()
 
 

@@ -46,6 +46,9 @@ def _check_outputs(directory, methods, ood):
         assert (directory / name).is_file(), name
     # written by the one output step of every evaluation (evaluation.write_evaluation)
     assert json.loads((directory / "evaluation.json").read_text())["methods"][0] == "dual-threshold"
+    page = (directory / "report.html").read_text()
+    assert page.count("Most in-distribution-looking") == len(ood) and "Most atypical" in page
+    assert page.count("data:image/png") == 4 + 16 * (1 + len(ood))  # ROC, scores, pairs, dual ROC; 16 tiles per set
     metrics = json.loads((directory / "metrics.json").read_text())
     assert set(methods) <= set(metrics)
     for ood in ood:

@@ -331,6 +331,7 @@ class Run:
         and 2-D view added; returns the text metrics table."""
         from dgmood.evaluation import report
         from dgmood.evaluation.evaluate import write_evaluation
+        from dgmood.methods.explain import galleries
 
         plots_dir = self.directory / "plots"
         in_values = features[ev.in_name].values
@@ -341,8 +342,10 @@ class Run:
             "2-D view of the score-norm space (MSMA Fig. 1b)": report.plot_embedding(
                 self.features(self.fit_spec()).values, in_values, ood_values, plots_dir / "embedding.png"),
         }
+        main = next(iter(ev.scores))
         return write_evaluation(self.directory, ev, self._context(features[ev.in_name], ev.in_name, seconds),
-                                "dgmood OOD evaluation report", next(iter(ev.scores)), plots=plots)
+                                "dgmood OOD evaluation report", main, plots=plots,
+                                galleries=galleries(self.image_detector(f"msma-{main}"), ev, main))
 
     def _context(self, in_features: FeatureSet, in_spec: str, seconds: float) -> dict:
         cfg = self.config

@@ -264,13 +264,15 @@ def evaluate_dual(run, config: DualConfig, ood_specs: list[str], in_spec: str = 
         return {"dual-threshold": detector.score_samples(pairs[spec]), **_baselines(stats, spec, pairs[spec], fit_spec)}
 
     methods = list(table(in_spec))
-    ev = evaluate_detectors({m: _LensScores(m, table) for m in methods}, (in_spec, lambda: None),
-                            {spec: (lambda: None) for spec in ood_specs})
+    images = {spec: (lambda s=spec: run.images(s)) for spec in [in_spec, *ood_specs]}  # read only for the galleries
+    ev = evaluate_detectors({m: _LensScores(m, table) for m in methods}, (in_spec, images[in_spec]),
+                            {spec: images[spec] for spec in ood_specs})
     for s in ood_specs:
         p_in, p_out = pairs[in_spec], pairs[s]
         ev.results["dual-threshold"][s]["auroc_optimal_dual"] = optimal_roc_auc(p_in[:, 0], p_in[:, 1], p_out[:, 0],
                                                                                 p_out[:, 1])
-    calib = dict(calib, thresholds=[float(t) for t in detector.thresholds_], fit_data=fit_spec)
+    calib = dict(calib, thresholds=[float(t) for t in detector.thresholds_], level=float(detector.offset_),
+                 fit_data=fit_spec)
     return DualEvaluation(ev.results, ev.scores, pairs, calib, dict(stats.seconds), run.directory / config.name, ev)
 
 
@@ -302,6 +304,7 @@ def write_dual_outputs(run, config: DualConfig, ev: DualEvaluation, in_spec: str
     dual-threshold ROC added, in ``ev.directory``; returns the text table."""
     from dgmood.evaluation import report
     from dgmood.evaluation.evaluate import write_evaluation
+    from dgmood.methods.explain import galleries
 
     out = ev.directory
     ood = {s: ev.pairs[s] for s in ev.evaluation.ood_names}
@@ -315,4 +318,25 @@ def write_dual_outputs(run, config: DualConfig, ev: DualEvaluation, in_spec: str
                             f"dgmood dual-threshold report ({config.lens.lens} lens, {config.lens.lid} LID)",
                             "dual-threshold", {"lens": settings_dict(config.lens), "fit_n": config.fit_n,
                                                "calibration": ev.calibration,
-                                               "seconds_per_image": ev.seconds_per_image}, plots=plots)
+                                               "seconds_per_image": ev.seconds_per_image}, plots=plots,
+                            galleries=galleries(None, ev.evaluation, "dual-threshold", tiles=functools.partial(
+                                _pair_tiles, ev), shows="image, with its log-likelihood and LID against the thresholds"))
+
+
+def _pair_tiles(ev: DualEvaluation, name: str, images: np.ndarray, idx: np.ndarray) -> list[tuple[bytes, str]]:
+    """Verdict tiles of the dual threshold: each image captioned with its score and which of (log-likelihood,
+    LID) fell below its threshold."""
+    from dgmood.evaluation.tiles import png_bytes, tile
+    from dgmood.methods.explain import caption
+
+    thresholds, level = ev.calibration["thresholds"], ev.calibration["level"]
+    scores, pairs = ev.evaluation.scores["dual-threshold"], ev.pairs[name]
+    score = scores["in"] if name == ev.evaluation.in_name else scores["ood"][name]
+    out = []
+    for image, i in zip(images, idx):
+        below = [f"{label} {v:.4g} < {t:.4g}" for label, v, t in zip(("log-likelihood", "LID"), pairs[i], thresholds)
+                 if v < t]
+        lines = caption(float(score[i]), 1 if score[i] >= level else -1, level,
+                        "; ".join(below) or "log-likelihood and LID both at or above their thresholds")
+        out.append((png_bytes(tile(image, None, None, lines)), " | ".join(lines)))
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 
 from dgmood.evaluation.tiles import png_bytes, tile
 
-__all__ = ["galleries", "map_scale", "most_atypical", "verdict_tiles"]
+__all__ = ["caption", "galleries", "map_scale", "most_atypical", "panels", "verdict_tiles"]
 
 
 def map_scale(detector) -> float:
@@ -47,9 +47,30 @@ def most_atypical(scores: np.ndarray, n: int, lowest: bool) -> np.ndarray:
     return order[:n] if lowest else order[::-1][:n]
 
 
-def galleries(detector, ev, method: str, n: int = 16) -> list:
+def panels(detector) -> str:
+    """What a verdict tile of ``detector`` shows, e.g. ``image | anomaly map | nearest training image``."""
+    bank = detector.pixel_bank() is not None
+    parts = ["image"] + (["anomaly map"] if bank or detector.explainer is not None else []) + (
+        ["nearest training image"] if bank else [])
+    return " | ".join(parts)
+
+
+def galleries(detector, ev, method: str, n: int = 16, tiles=None, shows: str = "") -> list:
     """``report.html``'s galleries for one method of an :class:`~dgmood.evaluation.evaluate.Evaluation`: the
-    ``n`` most atypical in-distribution test images, then per OOD set the ``n`` most in-distribution-looking."""
+    ``n`` most atypical in-distribution test images, then per OOD set the ``n`` most in-distribution-looking.
+
+    Args:
+        detector: The method's :class:`~dgmood.methods.image_detector.ImageDetector` (its verdict tiles), or None
+            with ``tiles``.
+        ev: The evaluation (its scores and image loaders).
+        method: The method's name in ``ev``.
+        n: Images per gallery.
+        tiles: (set name, images, their indices in the set) → [(PNG bytes, caption)]; default the detector's
+            :func:`verdict_tiles`.
+        shows: What each tile shows (default: :func:`panels` of the detector).
+    """
+    make = tiles or (lambda name, images, idx: verdict_tiles(detector, images))
+    shows = shows or panels(detector)
     entry = ev.scores[method]
     sets = [(ev.in_name, entry["in"], True, f"The {n} in-distribution test images {method} finds most atypical "
              "(lowest scores): false alarms, or odd training-like images.")]
@@ -58,8 +79,6 @@ def galleries(detector, ev, method: str, n: int = 16) -> list:
     out = []
     for name, scores, lowest, note in sets:
         idx = most_atypical(scores, n, lowest)
-        images = ev.loaders[name]()[idx]
-        tiles = verdict_tiles(detector, images)
         out.append((f"{'Most atypical' if lowest else 'Most in-distribution-looking'}: {name}",
-                    f"{note} Each: image | anomaly map | nearest training image.", tiles))
+                    f"{note} Each: {shows}.", make(name, ev.loaders[name]()[idx], idx)))
     return out

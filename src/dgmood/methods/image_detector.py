@@ -224,7 +224,7 @@ class ImageDetector:
         self.columns_ = [c for s in self.statistics for c in s.columns(as_columns(values[s.name], False).shape[1])]
         self.column_mean_, self.column_std_ = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-12)
         if self.explainer is not None:
-            bank = self._bank()
+            bank = self.pixel_bank()
             with self._lock:
                 self.explainer.fit(self.network_for(self.explainer), rows, self.device, self.progress,
                                    bank=bank if bank is not None and len(bank) == len(x) else None)
@@ -264,7 +264,7 @@ class ImageDetector:
         scores = self.score_values(values)
         z = self.deviations(values)
         anomaly = nearest = None
-        bank = self._bank()
+        bank = self.pixel_bank()
         if maps and bank is not None:
             nearest = (bank[nearest_indices(bank, x)].astype(np.float32) / 255.0).reshape(x.shape)
             anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
@@ -276,7 +276,7 @@ class ImageDetector:
         verdicts = np.where(np.isfinite(scores) & (scores >= self.threshold), 1, -1)
         return Explanation(scores, verdicts, z, reasons(z, self.columns_), anomaly, nearest, values)
 
-    def _bank(self) -> np.ndarray | None:
+    def pixel_bank(self) -> np.ndarray | None:
         """The raw-pixel training bank (M, D) uint8 of the detector's k-NN statistic, or None."""
         return next((s.bank_ for s in self.statistics
                      if getattr(s, "bank_", None) is not None and s.bank_.dtype == np.uint8), None)
