@@ -116,7 +116,7 @@ def smoothed_map(maps: np.ndarray, sigma: float) -> np.ndarray:
 
     Measured (``benchmarks/localisation.py``, docs/results.md): on 4 × 4 to 8 × 8 patches pasted into 28 × 28 images,
     smoothing at 1 pixel raised the pixel AUROC of both the combined map and the nearest-image difference by
-    0.01–0.07, most on noise patches, whose pixels alternate between matching and not matching the background."""
+    0.003–0.07, most on noise patches, whose pixels alternate between matching and not matching the background."""
     from scipy.ndimage import gaussian_filter
 
     maps = np.asarray(maps, dtype=np.float32)
