@@ -57,7 +57,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _train_args(run: Path, batch: int = BATCH) -> list[str]:
     return ["train", "--run", str(run), "--data", TRAIN_DATA, "--channels", "8,16", "--steps", str(STEPS),
-            "--batch-size", str(batch), "--lr", str(LR), "--checkpoint-every", "1", "--threads", "1", "--quiet"]
+            "--batch-size", str(batch), "--lr", str(LR), "--checkpoint-every", "1", "--threads", "1", "--quiet",
+            "--no-amp"]  # fp32: the tolerances below are float32's (bf16, the default on some CPUs, rounds far more)
 
 
 def _torchrun(args: list[str], data_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
