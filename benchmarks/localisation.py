@@ -11,6 +11,7 @@ difference to the nearest training image. Nothing here uses OOD data. Writes OUT
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -44,11 +45,10 @@ def main() -> None:
         patched, masks = paste_patches(x, args.size, np.random.default_rng(0), kind)
         e = det.explain(patched)
         difference = difference_map(patched, e.nearest)
-        unsmoothed = explainer.smooth
-        explainer.smooth = 0.0
-        m5, m3 = explainer.compute(det.model, patched, nearest=e.nearest), explainer.compute(det.model, patched)
-        explainer.smooth = unsmoothed
-        row = {f"anomaly map (eq. M6: M5 smoothed at {unsmoothed:g} px, the detector's)": pixel_auroc(e.maps, masks),
+        raw = copy.copy(explainer)
+        raw.smooth = 0.0
+        m5, m3 = raw.compute(det.model, patched, nearest=e.nearest), raw.compute(det.model, patched)
+        row = {f"anomaly map (eq. M6: M5 smoothed at {explainer.smooth:g} px, the detector's)": pixel_auroc(e.maps, masks),
                "eq. M5 unsmoothed": pixel_auroc(m5, masks),
                "its score-field part (eq. M3, unsmoothed)": pixel_auroc(m3, masks),
                "nearest-image difference (eq. M4)": pixel_auroc(difference, masks),

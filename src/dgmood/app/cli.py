@@ -446,8 +446,8 @@ def _evaluate_methods(run, method, baselines, ood_specs, in_spec, features):
 
 def _evaluate_and_report(run, ood_specs, in_spec=""):
     start = time.perf_counter()
-    ev, features = run.evaluate(ood_specs, in_spec)
-    table = run.write_outputs(ev, features, seconds=time.perf_counter() - start)
+    ev, features, detectors = run.evaluate(ood_specs, in_spec)
+    table = run.write_outputs(ev, features, detectors, seconds=time.perf_counter() - start)
     click.echo(table)
     click.echo(f"\nreport: {run.directory / 'report.md'}")
 

@@ -316,19 +316,20 @@ class Run:
         (``knn``, ``gmm``, ``flow``), plus the score-norm features its report plots.
 
         Returns:
-            (:class:`~dgmood.evaluation.evaluate.Evaluation`, spec → FeatureSet).
+            (:class:`~dgmood.evaluation.evaluate.Evaluation`, spec → FeatureSet, detector name → ImageDetector).
         """
         in_spec = in_spec or self.config.in_test
-        ev, _ = self.evaluate_methods([f"msma-{name}" for name in self.config.detectors], list(ood_specs), in_spec)
-        for table in (ev.results, ev.scores, ev.values, ev.seconds):
+        ev, detectors = self.evaluate_methods([f"msma-{name}" for name in self.config.detectors], list(ood_specs),
+                                              in_spec)
+        for table in (ev.results, ev.scores, ev.values, ev.seconds, detectors):
             renamed = {m.removeprefix("msma-"): v for m, v in table.items()}
             table.clear()
             table.update(renamed)
-        return ev, {spec: self.features(spec) for spec in [in_spec, *ood_specs]}
+        return ev, {spec: self.features(spec) for spec in [in_spec, *ood_specs]}, detectors
 
-    def write_outputs(self, ev, features: dict, seconds: float) -> str:
+    def write_outputs(self, ev, features: dict, detectors: dict, seconds: float) -> str:
         """The one output step (:func:`~dgmood.evaluation.evaluate.write_evaluation`) with MSMA's per-σ histograms
-        and 2-D view added; returns the text metrics table."""
+        and 2-D view added, and the first detector's galleries; returns the text metrics table."""
         from dgmood.evaluation import report
         from dgmood.evaluation.evaluate import write_evaluation
         from dgmood.methods.explain import galleries
@@ -345,7 +346,7 @@ class Run:
         main = next(iter(ev.scores))
         return write_evaluation(self.directory, ev, self._context(features[ev.in_name], ev.in_name, seconds),
                                 "dgmood OOD evaluation report", main, plots=plots,
-                                galleries=galleries(self.image_detector(f"msma-{main}"), ev, main))
+                                galleries=galleries(detectors[main], ev, main))
 
     def _context(self, in_features: FeatureSet, in_spec: str, seconds: float) -> dict:
         cfg = self.config

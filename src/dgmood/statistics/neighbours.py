@@ -77,14 +77,23 @@ def kneighbors(bank: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarra
 
 def _search_space(bank: np.ndarray, queries: np.ndarray):
     """(queries, bank, distance function) of the candidate search: int8 levels and eq. K2 between 8-bit images
-    (a uint8 bank, queries within 1e-3 of the 8-bit grid: float32 u / 255 is not exactly on it), else fp32 on the
-    [0, 1] scale and eq. K0. Either way the final k come from :func:`_exact`."""
+    (a uint8 bank and queries on the 8-bit grid), else fp32 on the [0, 1] scale and eq. K0. Either way the final
+    k come from :func:`_exact`."""
+    bank = np.asarray(bank)
+    levels = _grid_levels(queries) if bank.dtype == np.uint8 and hasattr(torch, "_int_mm") else None
+    if levels is not None:
+        return _int8_levels(levels), _int8_levels(bank), level_distances
+    return torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)), _as_float(bank), squared_distances
+
+
+def _grid_levels(queries: np.ndarray) -> np.ndarray | None:
+    """Queries in [0, 1] as uint8 levels when each lies within 1e-3 of a level (float32 u / 255 is not exactly on
+    the grid), else None."""
     levels = np.asarray(queries, dtype=np.float32) * 255.0
     rounded = np.rint(levels)
-    if (np.asarray(bank).dtype == np.uint8 and hasattr(torch, "_int_mm") and levels.size
-            and np.abs(levels - rounded).max() < 1e-3 and rounded.min() >= 0 and rounded.max() <= 255):
-        return _int8_levels(rounded.astype(np.uint8)), _int8_levels(np.asarray(bank)), level_distances
-    return torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)), _as_float(bank), squared_distances
+    if not levels.size or np.abs(levels - rounded).max() >= 1e-3 or rounded.min() < 0 or rounded.max() > 255:
+        return None
+    return rounded.astype(np.uint8)
 
 
 def _int8_levels(levels: np.ndarray) -> torch.Tensor:
