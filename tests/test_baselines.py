@@ -20,6 +20,7 @@ from dgmood.statistics.complexity import (
     compressed_bits_per_dim,
     likelihood_ratio,
     perturb,
+    png_sizes,
 )
 from dgmood.data.datasets import load_images
 
@@ -86,6 +87,30 @@ def test_png_matches_pillow_directly():
         for a in images
     ]
     np.testing.assert_array_equal(compressed_bits_per_dim(images, "png"), expected)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (5, 17, 3), (1, 1, 1), (300, 256, 1)],
+                         ids=["mnist-like", "rgb", "odd-rgb", "one-pixel", "several-idat-chunks"])
+def test_png_sizes_equal_pillow_on_noise_ramps_and_constants(shape):
+    # the vectorised filter choice + zlib against Pillow's own encoder, byte for byte (the 300 × 256 noise image
+    # deflates to more than 64 KiB: Pillow writes it as two IDAT chunks)
+    rng = np.random.default_rng(sum(shape))
+    images = np.concatenate([rng.integers(0, 256, (2, *shape)), np.full((1, *shape), 77),
+                             np.cumsum(rng.integers(0, 3, (2, *shape)), axis=1) % 256]).astype(np.uint8)
+    expected = [min(len(_pillow_bytes(a[..., 0] if a.shape[-1] == 1 else a, "PNG", compress_level=9, compress_type=s))
+                    for s in range(5)) for a in images]
+    np.testing.assert_array_equal(png_sizes(images), expected)
+
+
+def test_png_sizes_equal_pillow_on_real_images(data_dir):
+    for spec in ("fashion-mnist:test[:300]", "mnist:test[:300]"):
+        images = load_images(spec, data_dir=data_dir)
+        levels = np.rint(images * 255).astype(np.uint8)
+        expected = [min(len(_pillow_bytes(a[0], "PNG", compress_level=9, compress_type=s)) for s in range(5))
+                    for a in levels]
+        np.testing.assert_array_equal(png_sizes(levels.transpose(0, 2, 3, 1)), expected)
+        np.testing.assert_array_equal(compressed_bits_per_dim(images, "png"),
+                                      compressed_bits_per_dim(images, "png", verify=True))
 
 
 def test_png_close_to_handmade_png(fmnist):
