@@ -189,8 +189,24 @@ class ImageDetector:
 
     def _compute(self, x: np.ndarray, training: bool) -> dict[str, np.ndarray]:
         with self._lock:  # one network pass at a time (a server shares the detector between threads)
+            networks = self._chunk_networks()
             return {s.name: np.asarray((s.compute_training if training else s.compute)(
-                self.network_for(s), x, self.device, self.progress), dtype=np.float64) for s in self.statistics}
+                net, x, self.device, self.progress), dtype=np.float64) for s, net in zip(self.statistics, networks)}
+
+    def _chunk_networks(self) -> list:
+        """Each statistic's network for one chunk of images: the forward-only ones share one
+        :class:`~dgmood.models.shared_passes.SharedPasses` of their network when any statistic names
+        ``shared_sigmas``, so a clean-image pass at such a σ runs once per chunk (cached values never need it)."""
+        from dgmood.models.shared_passes import SharedPasses
+
+        networks = [self.network_for(s) for s in self.statistics]
+        sigmas = [sigma for s in self.statistics for sigma in s.shared_sigmas]
+        if not sigmas:
+            return networks
+        shared: dict[int, SharedPasses] = {}
+        return [shared.setdefault(id(net), SharedPasses(net, sigmas))
+                if s.forward_only and hasattr(net, "scaled_score_and_mid") else net
+                for s, net in zip(self.statistics, networks)]
 
     def columns(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """The estimator's input (N, F): each statistic's values as columns, logged where ``log_scale``."""

@@ -14,13 +14,14 @@ A recipe names the statistics and the array detector; nothing else differs betwe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from dgmood.methods.image_detector import ImageDetector
 
-__all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "METHODS", "MethodConfig", "Recipe", "build_detector",
-           "explainer_for", "method_names", "resolve_method"]
+__all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "FEATURE_SIGMA", "METHODS", "MethodConfig", "Recipe",
+           "build_detector", "explainer_for", "feature_sigma", "method_names", "resolve_method"]
 
 COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
@@ -57,7 +58,9 @@ class MethodConfig:
         combined_probes: Hutchinson probes of the combined detector's FLIPD (1 measured as good as 4).
         flipd_difference: Its trace by central differences of this step (× σ₀), forward passes only: 2.9× faster
             than the autograd trace at LIDs within 0.03 of it (docs/results.md); None: autograd.
-        feature_knn_sigma: Noise level of the network features of the feature k-NN (``fknn``).
+        feature_knn_sigma: Noise level of the network features of the feature k-NN (``fknn``); None: the level of
+            the combined detector's score norms nearest :data:`FEATURE_SIGMA` (0.129 on MSMA's grid), so that the
+            two read one network pass per image (measured as good as 0.1 on every shift, docs/results.md).
         complexity_codecs: Codecs of the combined detector's input complexity (PNG alone: on FashionMNIST and
             MNIST PNG is smaller than JPEG2000 on every image, so the values and AUROCs are the same, at about a
             third of the time; docs/results.md).
@@ -78,7 +81,7 @@ class MethodConfig:
     reconstruction_steps: int = 1
     combined_probes: int = 1
     flipd_difference: float | None = 0.01
-    feature_knn_sigma: float = 0.1
+    feature_knn_sigma: float | None = None
     complexity_codecs: tuple[str, ...] = ("png",)
     feature_knn_k: int = 5
     feature_knn_bank: int = 20000
@@ -99,6 +102,8 @@ class MethodConfig:
         if self.flipd_difference is not None and not 0 < self.flipd_difference < 1:
             raise ValueError(f"flipd_difference must lie in (0, 1) (a step relative to σ₀) or be None, got "
                              f"{self.flipd_difference}")
+        if self.feature_knn_sigma is not None and not self.feature_knn_sigma > 0:
+            raise ValueError(f"feature_knn_sigma must be > 0 (pixel scale) or None, got {self.feature_knn_sigma}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
             raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
@@ -126,6 +131,19 @@ class Recipe:
     fit_n: int | None = None
 
 
+FEATURE_SIGMA = 0.1
+"""The feature k-NN's noise level when the score-norm grid does not set it (see :func:`feature_sigma`)."""
+
+
+def feature_sigma(cfg: MethodConfig) -> float:
+    """The feature k-NN's σ: ``cfg.feature_knn_sigma``, or the combined score norms' level nearest
+    :data:`FEATURE_SIGMA` in log σ (their pass is then shared)."""
+    if cfg.feature_knn_sigma is not None:
+        return float(cfg.feature_knn_sigma)
+    levels = cfg.sigmas[::cfg.combined_sigma_stride]
+    return float(min(levels, key=lambda s: abs(math.log(s / FEATURE_SIGMA))))
+
+
 def _score_norms(cfg: MethodConfig):
     from dgmood.statistics.score_norms import ScoreNorms
 
@@ -150,7 +168,7 @@ def _combined(kind: str, cfg: MethodConfig):
         "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed,
                                                  cfg.batch_size),
         "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
-        "fknn": lambda: FeatureKNN(cfg.feature_knn_sigma, k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
+        "fknn": lambda: FeatureKNN(feature_sigma(cfg), k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
                                    batch_size=cfg.batch_size),
         "knn": lambda: PixelKNN(cfg.knn_k),
     }

@@ -43,12 +43,16 @@ class Statistic:
         fitted: Names of fitted attributes saved by :meth:`state`.
         forward_only: The statistic needs the network's forward passes only (no gradients), so it may be given
             the exported network (:class:`~dgmood.models.exported.OnnxScoreNet`) instead of the module.
+        shared_sigmas: Noise levels of clean-image passes it reads that another statistic may run too (the feature
+            k-NN's σ, a level of the score norms): a detector computes those passes once per chunk of images
+            (:class:`~dgmood.models.shared_passes.SharedPasses`).
     """
 
     name: ClassVar[str] = ""
     log_scale: ClassVar[bool] = False
     fitted: ClassVar[tuple[str, ...]] = ()
     forward_only: ClassVar[bool] = False
+    shared_sigmas: tuple[float, ...] = ()
 
     def get_params(self) -> dict:
         """Constructor parameters and their values (JSON types)."""

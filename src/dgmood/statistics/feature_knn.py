@@ -64,6 +64,11 @@ class FeatureKNN(Statistic):
         self.max_bank, self.batch_size = int(max_bank), int(batch_size)
         self.mean_ = self.components_ = self.bank_ = None
 
+    @property
+    def shared_sigmas(self) -> tuple[float, ...]:
+        """Its one clean-image pass, at ``sigma`` (shared with the score norms when they include that level)."""
+        return (self.sigma,)
+
     def _reduce(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.mean_) @ self.components_.T).astype(np.float32)
 
