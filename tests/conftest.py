@@ -15,6 +15,19 @@ torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Path:
+    """The user cache (traced ONNX graphs) of this test session: a temporary folder, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 def random_head_net(shape, channels=(8, 16, 16), seed=0, dtype=torch.float32):
     """A small ScoreNet whose zero-initialised head is randomised, so outputs are not trivially 0."""
     from dgmood.models.network import NetConfig, ScoreNet

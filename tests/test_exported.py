@@ -88,3 +88,31 @@ def test_detector_uses_the_exported_network_for_forward_only_statistics_only(fas
     det = build_detector("combined", net, "score")
     assert isinstance(det.network_for(det.statistics[0]), OnnxScoreNet)
     assert build_detector("combined", net, "score", runtime="torch").network_for(det.statistics[0]) is net
+
+
+def test_the_traced_graph_is_cached_per_model(tmp_path, monkeypatch):
+    import dgmood.models.exported as exported_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    net, other = _net((1, 28, 28)), _net((1, 28, 28))
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert exported_module.graph_key(net) != exported_module.graph_key(other)
+    # a loaded detector's network is channels-last (1 × 1 convolutions then have strides no view accepts)
+    assert exported_module.graph_key(net.to(memory_format=torch.channels_last)) == exported_module.graph_key(net)
+    x, sigma = torch.rand(3, 1, 28, 28), torch.full((3,), 0.2)
+    first = OnnxScoreNet(net).scaled_score(x, sigma)
+    files = list((tmp_path / "dgmood" / "onnx").glob("*.onnx"))
+    assert [f.stem for f in files] == [exported_module.graph_key(net)]
+
+    def no_tracing(model, batch=2):
+        raise AssertionError("traced again although the graph is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(exported_module, "export_onnx", no_tracing)
+        torch.testing.assert_close(OnnxScoreNet(net).scaled_score(x, sigma), first)
+    files[0].write_bytes(b"not an onnx graph")  # damaged: traced again and replaced
+    torch.testing.assert_close(OnnxScoreNet(net).scaled_score(x, sigma), first)
+    assert files[0].read_bytes() != b"not an onnx graph"
+    OnnxScoreNet(other)  # another model: its own file
+    assert len(list((tmp_path / "dgmood" / "onnx").glob("*.onnx"))) == 2

@@ -143,9 +143,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return cache / "dgmood" / "data"
+    from dgmood.utils.files import user_cache_dir
+
+    return user_cache_dir("data")
 
 
 def _file_name(split: str, what: str) -> str:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "canonical_sha256", "checksum_matches", "file_sha256", "remove_leftovers", "with_checksum",
-           "write_json"]
+__all__ = ["atomic_write", "canonical_sha256", "checksum_matches", "file_sha256", "remove_leftovers", "user_cache_dir",
+           "with_checksum", "write_json"]
 
 # When this module was imported: every file this process writes through atomic_write is newer.
 PROCESS_START = time.time()
@@ -20,6 +20,14 @@ PROCESS_START = time.time()
 _OUR_TEMP = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
 # safetensors' save_file writes ".tmp" + 6 random chars beside its target, then renames it
 _SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
+def user_cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/dgmood/NAME`` (``~/.cache/dgmood/NAME`` when XDG_CACHE_HOME is unset or relative); not
+    created."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return cache / "dgmood" / name
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
