@@ -34,13 +34,39 @@ from dgmood.evaluation.evaluate import evaluate_detectors  # noqa: E402
 from dgmood.methods.recipes import build_detector  # noqa: E402
 
 
-def sets(run: Run, n: int) -> tuple[str, dict]:
+def _translate(x: np.ndarray, d: int = 3) -> np.ndarray:
+    """Images moved d pixels down and right, the uncovered border black."""
+    out = np.zeros_like(x)
+    out[..., d:, d:] = x[..., :-d, :-d]
+    return out
+
+
+def _blur(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    from dgmood.statistics.maps import smoothed_map
+
+    return np.clip(smoothed_map(x.reshape(-1, *x.shape[-2:]), sigma), 0, 1).reshape(x.shape).astype(np.float32)
+
+
+MORE_SHIFTS = {
+    "hflip": lambda x: np.ascontiguousarray(x[..., ::-1]),
+    "rot180": lambda x: np.ascontiguousarray(np.rot90(x, 2, axes=(2, 3))),
+    "rot270": lambda x: np.ascontiguousarray(np.rot90(x, 3, axes=(2, 3))),
+    "transpose": lambda x: np.ascontiguousarray(np.swapaxes(x, 2, 3)),
+    "translate": _translate,
+    "blur": _blur,
+}
+"""More shifts of the in-distribution test images (``--more-shifts``), beyond bench's three: the other orientations,
+a 3-pixel translation and a 1-pixel Gaussian blur (checks that no visible OOD set chose)."""
+
+
+def sets(run: Run, n: int, more: bool = False) -> tuple[str, dict]:
     """In-distribution test spec and OOD loaders (name = cache key)."""
     in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
     other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
     loaders = {s: (lambda s=s: run.images(s)) for s in [f"{other}[:{n}]", "uniform[:500]", "gaussian[:500]",
                                                          "constant[:500]"]}
-    loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in SHIFTS.items()}
+    shifts = SHIFTS | (MORE_SHIFTS if more else {})
+    loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in shifts.items()}
     return in_spec, loaders
 
 
@@ -52,10 +78,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--more-shifts", action="store_true", help="also the shifts of MORE_SHIFTS")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Run(args.run, progress=True)
-    in_spec, loaders = sets(run, args.n)
+    in_spec, loaders = sets(run, args.n, args.more_shifts)
     probe = run.images(f"{in_spec.split('[')[0]}[:1000]")
     table, out = [], {}
     for item in args.variant or ["base={}"]:

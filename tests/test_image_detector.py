@@ -27,6 +27,7 @@ from dgmood.statistics.field import PixelDeviation, ScoreFieldDeviation
 from dgmood.statistics.flipd import FLIPD
 from dgmood.statistics.knn import PixelKNN
 from dgmood.statistics.likelihood import JacobianLID, LogLikelihood
+from dgmood.statistics.orientation import Orientation
 from dgmood.statistics.reconstruction import Reconstruction
 from dgmood.statistics.score_norms import ScoreNorms
 
@@ -74,6 +75,7 @@ STATISTICS = {
     "field": ("score", lambda: ScoreFieldDeviation((1.0, 0.1, 0.01), max_fit=100), False),
     "pixels": ("score", PixelDeviation, True),
     "fknn": ("score", lambda: FeatureKNN(dims=8, max_bank=300), True),
+    "orientation": ("score", lambda: Orientation(max_bank=300), True),
     "log_likelihood-flow": ("flow", lambda: LogLikelihood("flow"), True),
     "jacobian_lid": ("flow", lambda: JacobianLID(**SMALL_LPCA), True),
     "log_likelihood-diffusion": ("score", lambda: LogLikelihood("diffusion", solver="euler", probes=1), False),

@@ -23,7 +23,7 @@ from dgmood.methods.image_detector import ImageDetector
 __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "FEATURE_SIGMA", "METHODS", "MethodConfig", "Recipe",
            "build_detector", "explainer_for", "feature_sigma", "method_names", "resolve_method"]
 
-COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "knn")
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "orient", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
 
 DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "knn")
@@ -65,6 +65,8 @@ class MethodConfig:
             MNIST PNG is smaller than JPEG2000 on every image, so the values and AUROCs are the same, at about a
             third of the time; docs/results.md).
         feature_knn_k, feature_knn_bank: Its neighbour and how many training images (the first) its bank holds.
+        orientation_grid, orientation_bank: The orientation statistic's (``orient``) pooled grid per side and
+            how many training images (the first) its bank holds.
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -85,6 +87,8 @@ class MethodConfig:
     complexity_codecs: tuple[str, ...] = ("png",)
     feature_knn_k: int = 5
     feature_knn_bank: int = 20000
+    orientation_grid: int = 7
+    orientation_bank: int = 20000
     max_components: int = 10
     probes: int = 4
     seed: int = 0
@@ -104,6 +108,9 @@ class MethodConfig:
                              f"{self.flipd_difference}")
         if self.feature_knn_sigma is not None and not self.feature_knn_sigma > 0:
             raise ValueError(f"feature_knn_sigma must be > 0 (pixel scale) or None, got {self.feature_knn_sigma}")
+        if self.orientation_grid < 1 or self.orientation_bank <= self.knn_k:
+            raise ValueError(f"orientation_grid must be >= 1 and orientation_bank > knn_k, got {self.orientation_grid} "
+                             f"and {self.orientation_bank}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
             raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
@@ -157,6 +164,7 @@ def _combined(kind: str, cfg: MethodConfig):
     from dgmood.statistics.field import PixelDeviation, ScoreFieldDeviation
     from dgmood.statistics.flipd import FLIPD
     from dgmood.statistics.knn import PixelKNN
+    from dgmood.statistics.orientation import Orientation
     from dgmood.statistics.reconstruction import Reconstruction
     from dgmood.statistics.score_norms import ScoreNorms
 
@@ -170,6 +178,7 @@ def _combined(kind: str, cfg: MethodConfig):
         "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
         "fknn": lambda: FeatureKNN(feature_sigma(cfg), k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
                                    batch_size=cfg.batch_size),
+        "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank),
         "knn": lambda: PixelKNN(cfg.knn_k),
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
