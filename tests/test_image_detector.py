@@ -178,7 +178,7 @@ def test_saved_folder_holds_json_and_safetensors_only(fitted):
     manifest = json.loads((folder / "detector.json").read_text())
     assert set(manifest["files"]) == set(names) - {"detector.json"}
     assert [s["class"] for s in manifest["statistics"]] == ["ScoreNorms", "Complexity", "FLIPD", "Reconstruction",
-                                                            "FeatureKNN", "PixelKNN"]
+                                                            "FeatureKNN", "Orientation", "PixelKNN"]
     assert ImageDetector.load(folder).statistics[-1].bank_.dtype == np.uint8
 
 

@@ -15,7 +15,7 @@ import click
 __all__ = ["main"]
 
 DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
-COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "knn")  # = dgmood.methods.combined.FEATURES (tested)
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "orient", "knn")  # = dgmood.methods.combined.FEATURES (tested)
 FLOW_LR = 1e-3  # the Adam rate Glow and Neural Spline Flows trained their image flows with
 
 # Idle OpenMP threads sleep instead of spinning: measured on 2 cores with one other busy process,

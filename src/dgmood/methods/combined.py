@@ -1,7 +1,8 @@
 """The combined detector (ours): every cheap per-image statistic of one score model, one density model on them.
 
 MSMA's score norms, the input complexity, the FLIPD local intrinsic dimension, the diffusion reconstruction
-error and the feature k-NN distance (to the nearest training images in the network's middle-block activations)
+error, the feature k-NN distance (to the nearest training images in the network's middle-block activations) and
+the orientation statistic (how much nearer the training images a flip or rotation of the image is, eq. O1)
 are concatenated per image, put on a log scale where they are positive norms or errors, standardised with
 training statistics and modelled by one Gaussian mixture fitted on training images only. The k-NN term, the
 log distance to the k-th nearest training image in raw pixels, is added to the mixture's log-density, both
@@ -12,7 +13,8 @@ training likelihood, the k-NN term's weight is 1 (equal say, not tuned).
 Why these statistics (measured, docs/results.md): each sees a different kind of shift. Score norms see
 density at many scales; complexity sees how much is in the image; the LID sees the local dimension of the
 model's manifold; reconstruction sees whether denoising returns the image; the feature k-NN sees whether the coarse
-layout of what the network recognises matches a training image (a flipped or rotated one does not); raw-pixel
+layout of what the network recognises matches a training image (a flipped or rotated one does not); orientation sees
+whether the image is the way up the training images are; raw-pixel
 distance sees novelty that the model smooths over. The mixture learns how they co-vary on training images, so an image whose
 statistics break that relation (e.g. low complexity with the score norm of a complex image) scores low
 even when each statistic alone looks normal.

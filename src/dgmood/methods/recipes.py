@@ -26,7 +26,7 @@ __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "FEATURE_SIGMA", "M
 COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "orient", "knn")
 """Statistics the combined detector can use, in column order (the k-NN distance last)."""
 
-DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "knn")
+DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "orient", "knn")
 """The combined detector's statistics unless told otherwise."""
 
 DEFAULT_METHOD = "combined"
@@ -66,7 +66,8 @@ class MethodConfig:
             third of the time; docs/results.md).
         feature_knn_k, feature_knn_bank: Its neighbour and how many training images (the first) its bank holds.
         orientation_grid, orientation_bank: The orientation statistic's (``orient``) pooled grid per side and
-            how many training images (the first) its bank holds.
+            how many training images (the first) its bank holds (7 and 5,000: no cost on any other check measured;
+            grid 14 or a 20,000-image bank found flips better and cost on others, docs/results.md).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -88,7 +89,7 @@ class MethodConfig:
     feature_knn_k: int = 5
     feature_knn_bank: int = 20000
     orientation_grid: int = 7
-    orientation_bank: int = 20000
+    orientation_bank: int = 5000
     max_components: int = 10
     probes: int = 4
     seed: int = 0
