@@ -17,6 +17,8 @@ as an upright one: such shifts cannot be told from the image alone.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from dgmood.statistics.base import Statistic, register
@@ -24,7 +26,7 @@ from dgmood.statistics.base import Statistic, register
 __all__ = ["Orientation", "pooled", "symmetries"]
 
 
-def symmetries(height: int, width: int) -> dict[str, callable]:
+def symmetries(height: int, width: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """The non-identity symmetries of an H × W image as functions of (N, C, H, W) arrays: the dihedral group's
     seven for a square image, else the vertical and horizontal flips and the half turn."""
     out = {"vflip": lambda x: x[..., ::-1, :], "hflip": lambda x: x[..., ::-1], "rot180": lambda x: x[..., ::-1, ::-1]}
