@@ -21,6 +21,7 @@ CHECKED = [
     FlowDetector(hidden_features=(16, 16), transforms=2, max_epochs=3, batch_size=32),
     CombinedDetector(distance_columns=0, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=1, component_grid=(1, 2, 3), cv=3),
+    CombinedDetector(distance_columns=0, hinge_columns=1, component_grid=(1, 2, 3), cv=3),
     ThresholdDetector(),
     ThresholdDetector(sign=1, acceptance=0.5),
 ]
@@ -230,7 +231,26 @@ def test_combined_score_is_standardised_density_minus_weighted_distance():
     assert det.gmm_.means_.shape == (1, 3)  # the distance column is not modelled by the mixture
 
 
+def test_combined_hinge_columns_penalise_only_values_above_the_training_mean():
+    rng = np.random.default_rng(2)
+    X = np.column_stack([rng.standard_normal((400, 3)), rng.standard_normal(400), rng.lognormal(size=400)])
+    det = CombinedDetector(distance_columns=1, hinge_columns=1, hinge_weight=0.5, component_grid=(1,), cv=2).fit(X)
+    Z = (X - X.mean(0)) / X.std(0)
+    density = multivariate_normal(Z[:, :3].mean(0), np.cov(Z[:, :3].T, bias=True)).logpdf(Z[:, :3])
+    expected = (density - density.mean()) / density.std() - 0.5 * np.maximum(Z[:, 3], 0) - Z[:, 4]
+    np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-4, atol=1e-4)
+    assert det.gmm_.means_.shape == (1, 3)  # neither the hinge nor the distance column is in the mixture
+    low, high = X[:2].copy(), X[:2].copy()
+    low[:, 3], high[:, 3] = X[:, 3].mean() - 5 * X[:, 3].std(), X[:, 3].mean() + 5 * X[:, 3].std()
+    at_mean = X[:2].copy()
+    at_mean[:, 3] = X[:, 3].mean()
+    np.testing.assert_allclose(det.score_samples(low), det.score_samples(at_mean), atol=1e-9)
+    np.testing.assert_allclose(det.score_samples(at_mean) - det.score_samples(high), 2.5, rtol=1e-6)
+
+
 def test_combined_rejects_distance_columns_that_leave_no_statistic():
     X = np.random.default_rng(0).standard_normal((50, 2))
     with pytest.raises(ValueError, match="distance_columns"):
         CombinedDetector(distance_columns=2).fit(X)
+    with pytest.raises(ValueError, match="hinge_columns"):
+        CombinedDetector(distance_columns=1, hinge_columns=1).fit(X)

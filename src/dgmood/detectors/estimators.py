@@ -383,18 +383,23 @@ class CombinedDetector(GMMDetector):
     """A Gaussian mixture on standardised statistics plus a distance term (ours; see :mod:`dgmood.methods.combined`).
 
     The last ``distance_columns`` columns of X are log distances to training data (e.g. to the k-th nearest
-    training image in raw pixels); the mixture models the other columns. With every column standardised
-    (training mean and standard deviation), the score of a row is
+    training image in raw pixels); the ``hinge_columns`` before them are one-sided evidence (a statistic that
+    only its high values make suspect, e.g. the orientation statistic); the mixture models the other columns.
+    With every column standardised (training mean and standard deviation), the score of a row is (eq. C1)
 
-        score = (log q(z_stats) − m) / s − distance_weight · mean(z_distances),
+        score = (log q(z_stats) − m) / s − hinge_weight · Σ max(z_hinge, 0) − distance_weight · mean(z_distances),
 
     where q is the mixture density and m, s the mean and standard deviation of log q over the training rows:
-    both terms are in training standard deviations, so weight 1 gives them equal say. Higher = more
-    in-distribution; shape (n_samples,). With ``distance_columns=0`` it is the standardised mixture score.
+    every term is in training standard deviations, so weight 1 gives them equal say. Higher = more
+    in-distribution; shape (n_samples,). With ``distance_columns=0`` and ``hinge_columns=0`` it is the
+    standardised mixture score.
 
     Args:
-        distance_columns: How many trailing columns are log distances (>= 0, fewer than n_features).
+        distance_columns: How many trailing columns are log distances (>= 0).
         distance_weight: Weight of the distance term.
+        hinge_columns: How many columns before the distances are one-sided terms (>= 0; the distance and hinge
+            columns together fewer than n_features).
+        hinge_weight: Weight of the one-sided terms.
         Other arguments: as :class:`GMMDetector` (``standardize`` is always on).
 
     Attributes:
@@ -403,19 +408,25 @@ class CombinedDetector(GMMDetector):
     """
 
     def __init__(self, distance_columns=1, distance_weight=1.0, max_components=20, component_grid=None, cv=10,
-                 acceptance=0.95, random_state=0, cv_max_samples=10_000, reg_covar=1e-5, max_iter=200):
+                 acceptance=0.95, random_state=0, cv_max_samples=10_000, reg_covar=1e-5, max_iter=200,
+                 hinge_columns=0, hinge_weight=1.0):
         super().__init__(max_components=max_components, component_grid=component_grid, cv=cv, standardize=True,
                          acceptance=acceptance, random_state=random_state, cv_max_samples=cv_max_samples,
                          reg_covar=reg_covar, max_iter=max_iter)
         self.distance_columns = distance_columns
         self.distance_weight = distance_weight
+        self.hinge_columns = hinge_columns
+        self.hinge_weight = hinge_weight
 
     def _fit(self, X):
         check_scalar(self.distance_columns, "distance_columns", numbers.Integral, min_val=0)
-        if self.distance_columns >= X.shape[1]:
-            raise ValueError(f"distance_columns={self.distance_columns} leaves the mixture no statistic: X has "
-                             f"{X.shape[1]} feature(s); pass at least one statistic column before the distances")
+        check_scalar(self.hinge_columns, "hinge_columns", numbers.Integral, min_val=0)
+        if self.distance_columns + self.hinge_columns >= X.shape[1]:
+            raise ValueError(f"distance_columns={self.distance_columns} and hinge_columns={self.hinge_columns} leave "
+                             f"the mixture no statistic: X has {X.shape[1]} feature(s); pass at least one statistic "
+                             "column before them")
         check_scalar(self.distance_weight, "distance_weight", numbers.Real, min_val=0.0)
+        check_scalar(self.hinge_weight, "hinge_weight", numbers.Real, min_val=0.0)
         self.standardize = True
         Z = self._fit_scaler(X)
         density = self._fit_mixture(Z[:, : self._n_stats])
@@ -428,12 +439,16 @@ class CombinedDetector(GMMDetector):
 
     @property
     def _n_stats(self) -> int:
-        return self.n_features_in_ - self.distance_columns
+        return self.n_features_in_ - self.distance_columns - self.hinge_columns
 
     def _combine(self, density: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        """Eq. C1 from the mixture's log-density (N,) and the standardised rows Z (N, n_features)."""
         score = (density - self.density_mean_) / self.density_std_
+        if self.hinge_columns:
+            hinge = Z[:, self._n_stats:self._n_stats + self.hinge_columns]
+            score = score - self.hinge_weight * np.maximum(hinge, 0.0).sum(axis=1)
         if self.distance_columns:
-            score = score - self.distance_weight * Z[:, self._n_stats:].mean(axis=1)
+            score = score - self.distance_weight * Z[:, self.n_features_in_ - self.distance_columns:].mean(axis=1)
         return score
 
 
