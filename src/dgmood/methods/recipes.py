@@ -68,6 +68,10 @@ class MethodConfig:
         orientation_grid, orientation_bank: The orientation statistic's (``orient``) pooled grid per side and
             how many training images (the first) its bank holds (7 and 5,000: no cost on any other check measured;
             grid 14 or a 20,000-image bank found flips better and cost on others, docs/results.md).
+        orientation_term: How the orientation statistic enters the combined detector: ``hinge`` (a one-sided
+            term, eq. C1: only an image that a flip or rotation brings nearer the training images is penalised;
+            on both models every flip and rotation check but two rose, by up to 0.05, docs/results.md) or
+            ``mixture`` (one more column the mixture models).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -90,6 +94,7 @@ class MethodConfig:
     feature_knn_bank: int = 20000
     orientation_grid: int = 7
     orientation_bank: int = 5000
+    orientation_term: str = "hinge"
     max_components: int = 10
     probes: int = 4
     seed: int = 0
@@ -112,6 +117,8 @@ class MethodConfig:
         if self.orientation_grid < 1 or self.orientation_bank <= self.knn_k:
             raise ValueError(f"orientation_grid must be >= 1 and orientation_bank > knn_k, got {self.orientation_grid} "
                              f"and {self.orientation_bank}")
+        if self.orientation_term not in ("mixture", "hinge"):
+            raise ValueError(f"orientation_term must be 'mixture' or 'hinge', got {self.orientation_term!r}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
             raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
@@ -183,7 +190,8 @@ def _combined(kind: str, cfg: MethodConfig):
         "knn": lambda: PixelKNN(cfg.knn_k),
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
-                                 max_components=cfg.max_components, acceptance=cfg.acceptance)
+                                 max_components=cfg.max_components, acceptance=cfg.acceptance,
+                                 hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"))
     return [make[f]() for f in cfg.features], estimator, True
 
 
