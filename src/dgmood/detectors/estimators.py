@@ -152,6 +152,11 @@ class GMMDetector(BaseDetector):
         self.reg_covar = reg_covar
         self.max_iter = max_iter
 
+    @property
+    def mixture_columns(self) -> int:
+        """How many (leading) columns of X the mixture models, once fitted: all of them."""
+        return self.n_features_in_
+
     def _fit(self, X):
         return self._fit_mixture(self._fit_scaler(X)) + self._log_abs_det()
 
@@ -429,23 +434,24 @@ class CombinedDetector(GMMDetector):
         check_scalar(self.hinge_weight, "hinge_weight", numbers.Real, min_val=0.0)
         self.standardize = True
         Z = self._fit_scaler(X)
-        density = self._fit_mixture(Z[:, : self._n_stats])
+        density = self._fit_mixture(Z[:, : self.mixture_columns])
         self.density_mean_, self.density_std_ = float(density.mean()), float(density.std()) or 1.0
         return self._combine(density, Z)
 
     def _score_samples(self, X):
         Z = self._standardize(X)
-        return self._combine(self.gmm_.score_samples(Z[:, : self._n_stats]), Z)
+        return self._combine(self.gmm_.score_samples(Z[:, : self.mixture_columns]), Z)
 
     @property
-    def _n_stats(self) -> int:
+    def mixture_columns(self) -> int:
+        """How many leading columns of X the mixture models: those before the hinge and distance columns."""
         return self.n_features_in_ - self.distance_columns - self.hinge_columns
 
     def _combine(self, density: np.ndarray, Z: np.ndarray) -> np.ndarray:
         """Eq. C1 from the mixture's log-density (N,) and the standardised rows Z (N, n_features)."""
         score = (density - self.density_mean_) / self.density_std_
         if self.hinge_columns:
-            hinge = Z[:, self._n_stats:self._n_stats + self.hinge_columns]
+            hinge = Z[:, self.mixture_columns:self.mixture_columns + self.hinge_columns]
             score = score - self.hinge_weight * np.maximum(hinge, 0.0).sum(axis=1)
         if self.distance_columns:
             score = score - self.distance_weight * Z[:, self.n_features_in_ - self.distance_columns:].mean(axis=1)

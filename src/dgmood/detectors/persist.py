@@ -103,8 +103,7 @@ def _check_restored(det, arrays: dict) -> None:
     d = det.n_features_in_
     shapes = {f"scaler.{k}": (d,) for k in _SCALER} if getattr(det, "standardize", False) else {}
     if isinstance(det, GMMDetector):
-        m = d - getattr(det, "distance_columns", 0) - getattr(det, "hinge_columns", 0)  # the mixture's own columns
-        k = det.n_components_
+        k, m = det.n_components_, det.mixture_columns
         shapes.update({"gmm.weights_": (k,), "gmm.means_": (k, m), **{f"gmm.{n}": (k, m, m) for n in _GMM[2:]}})
     elif isinstance(det, KNNDetector):
         shapes["knn.fit_X"] = (len(arrays["knn.fit_X"]), d)

@@ -24,7 +24,8 @@ __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "FEATURE_SIGMA", "M
            "build_detector", "explainer_for", "feature_sigma", "method_names", "resolve_method"]
 
 COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "orient", "knn")
-"""Statistics the combined detector can use, in column order (the k-NN distance last)."""
+"""Statistics the combined detector can use, in column order (the orientation statistic, a one-sided term, next to
+last; the k-NN distance last: :class:`~dgmood.detectors.estimators.CombinedDetector` reads them by position)."""
 
 DEFAULT_COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "fknn", "orient", "knn")
 """The combined detector's statistics unless told otherwise."""
