@@ -354,14 +354,16 @@ def test_detector_save_and_load_remove_leftovers(tmp_path):
     assert not names & set(gone) and set(kept) <= names
 
 
-def test_combined_detector_with_a_hinge_column_saves_and_loads_the_same_scores(tmp_path):
+@pytest.mark.parametrize("term_shape", ["linear", "softplus"])
+def test_combined_detector_with_a_hinge_column_saves_and_loads_the_same_scores(tmp_path, term_shape):
     from dgmood.detectors.estimators import CombinedDetector
     from dgmood.detectors.persist import load_detector, save_detector
 
     rng = np.random.default_rng(3)
     X = np.column_stack([rng.standard_normal((300, 3)), rng.standard_normal(300), rng.lognormal(size=300)])
-    det = CombinedDetector(distance_columns=1, hinge_columns=1, component_grid=(1, 2), cv=2).fit(X)
+    det = CombinedDetector(distance_columns=1, hinge_columns=1, component_grid=(1, 2), cv=2,
+                           term_shape=term_shape).fit(X)
     save_detector(det, tmp_path, meta={"model_sha256": "a" * 64})
     loaded, _ = load_detector(tmp_path)
-    assert loaded.hinge_columns == 1 and loaded.gmm_.means_.shape[1] == 3
+    assert loaded.hinge_columns == 1 and loaded.gmm_.means_.shape[1] == 3 and loaded.term_shape == term_shape
     np.testing.assert_allclose(loaded.score_samples(X), det.score_samples(X), rtol=1e-6)

@@ -22,6 +22,7 @@ CHECKED = [
     CombinedDetector(distance_columns=0, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=1, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=0, hinge_columns=1, component_grid=(1, 2, 3), cv=3),
+    CombinedDetector(distance_columns=1, term_shape="softplus", component_grid=(1, 2, 3), cv=3),
     ThresholdDetector(),
     ThresholdDetector(sign=1, acceptance=0.5),
 ]
@@ -248,9 +249,56 @@ def test_combined_hinge_columns_penalise_only_values_above_the_training_mean():
     np.testing.assert_allclose(det.score_samples(at_mean) - det.score_samples(high), 2.5, rtol=1e-6)
 
 
+def test_combined_softplus_terms_match_eq_c2():
+    rng = np.random.default_rng(4)
+    X = np.column_stack([rng.standard_normal((400, 3)), rng.standard_normal(400), rng.lognormal(size=400)])
+    det = CombinedDetector(distance_columns=1, hinge_columns=1, hinge_weight=0.5, distance_weight=2.0,
+                           term_shape="softplus", component_grid=(1,), cv=2).fit(X)
+    Z = (X - X.mean(0)) / X.std(0)
+    density = multivariate_normal(Z[:, :3].mean(0), np.cov(Z[:, :3].T, bias=True)).logpdf(Z[:, :3])
+    u_q = (density.mean() - density) / density.std()
+    expected = -np.log1p(np.exp(u_q)) - 0.5 * np.log1p(np.exp(Z[:, 3])) - 2.0 * np.log1p(np.exp(Z[:, 4]))
+    np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_combined_softplus_terms_let_no_typical_term_buy_off_another():
+    """Eq. C2: a far-out distance costs as under eq. C1, but an extremely near one gains at most log 2 against an
+    average one, where eq. C1 rewards it without bound."""
+    rng = np.random.default_rng(5)
+    X = np.column_stack([rng.standard_normal((400, 3)), rng.lognormal(size=400)])
+    linear, soft = (CombinedDetector(distance_columns=1, term_shape=shape, component_grid=(1,), cv=2).fit(X)
+                    for shape in ("linear", "softplus"))
+    mean, std = X[:, 3].mean(), X[:, 3].std()
+    rows = np.repeat(X[:1], 3, axis=0)
+    rows[:, 3] = mean - 8 * std, mean, mean + 8 * std  # near, average, far
+    gain = {name: det.score_samples(rows[:2]) @ [1, -1] for name, det in (("linear", linear), ("soft", soft))}
+    assert gain["linear"] == pytest.approx(8.0, rel=1e-6) and 0 < gain["soft"] < np.log(2)
+    far_cost = {name: det.score_samples(rows[1:]) @ [1, -1] for name, det in (("linear", linear), ("soft", soft))}
+    assert far_cost["soft"] == pytest.approx(8.0 - np.log(2), abs=1e-3) and far_cost["linear"] == pytest.approx(8.0)
+    assert (soft.score_samples(X) < 0).all()  # every term costs something: the score is below 0
+
+
+def test_combined_rejects_an_unknown_term_shape():
+    X = np.random.default_rng(0).standard_normal((50, 3))
+    with pytest.raises(ValueError, match="term_shape must be one of linear, softplus"):
+        CombinedDetector(term_shape="quadratic").fit(X)
+
+
 def test_combined_rejects_distance_columns_that_leave_no_statistic():
     X = np.random.default_rng(0).standard_normal((50, 2))
     with pytest.raises(ValueError, match="distance_columns"):
         CombinedDetector(distance_columns=2).fit(X)
     with pytest.raises(ValueError, match="hinge_columns"):
         CombinedDetector(distance_columns=1, hinge_columns=1).fit(X)
+
+
+def test_the_combined_recipe_adds_its_terms_by_eq_c2_unless_told_otherwise():
+    from dgmood.methods.recipes import MethodConfig, build_detector
+    from dgmood.models.network import NetConfig, ScoreNet
+
+    model = ScoreNet(NetConfig(image_shape=(1, 8, 8), channels=(8,)))
+    shapes = [build_detector("combined", model, "score", config).estimator.term_shape
+              for config in (MethodConfig(), MethodConfig(term_shape="linear"))]
+    assert shapes == ["softplus", "linear"]
+    with pytest.raises(ValueError, match="term_shape must be 'linear' or 'softplus'"):
+        MethodConfig(term_shape="max")

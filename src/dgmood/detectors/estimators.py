@@ -390,14 +390,24 @@ class CombinedDetector(GMMDetector):
     The last ``distance_columns`` columns of X are log distances to training data (e.g. to the k-th nearest
     training image in raw pixels); the ``hinge_columns`` before them are one-sided evidence (a statistic that
     only its high values make suspect, e.g. the orientation statistic); the mixture models the other columns.
-    With every column standardised (training mean and standard deviation), the score of a row is (eq. C1)
+    With every column standardised (training mean and standard deviation), each term is a deviation in training
+    standard deviations, positive = away from the training images:
 
-        score = (log q(z_stats) − m) / s − hinge_weight · Σ max(z_hinge, 0) − distance_weight · mean(z_distances),
+        u_q = −(log q(z_stats) − m) / s,    u_h = z_h (each hinge column),    u_d = mean(z_distances),
 
-    where q is the mixture density and m, s the mean and standard deviation of log q over the training rows:
-    every term is in training standard deviations, so weight 1 gives them equal say. Higher = more
-    in-distribution; shape (n_samples,). With ``distance_columns=0`` and ``hinge_columns=0`` it is the
-    standardised mixture score.
+    where q is the mixture density and m, s the mean and standard deviation of log q over the training rows.
+    With ``term_shape="linear"`` the score of a row is (eq. C1)
+
+        score = −u_q − hinge_weight · Σ max(u_h, 0) − distance_weight · u_d,
+
+    with ``term_shape="softplus"`` every term is one-sided, a smooth hinge log(1 + e^u) (eq. C2)
+
+        score = −softplus(u_q) − hinge_weight · Σ softplus(u_h) − distance_weight · softplus(u_d):
+
+    an image far from the training images in any term loses about as much as under eq. C1, but one unusually
+    typical term (a very high density, a very near training image) no longer buys off another term's evidence
+    against it. Weight 1 gives every term equal say. Higher = more in-distribution; shape (n_samples,). With
+    ``distance_columns=0``, ``hinge_columns=0`` and the linear shape it is the standardised mixture score.
 
     Args:
         distance_columns: How many trailing columns are log distances (>= 0).
@@ -405,6 +415,7 @@ class CombinedDetector(GMMDetector):
         hinge_columns: How many columns before the distances are one-sided terms (>= 0; the distance and hinge
             columns together fewer than n_features).
         hinge_weight: Weight of the one-sided terms.
+        term_shape: ``linear`` (eq. C1; what detectors saved before eq. C2 use) or ``softplus`` (eq. C2).
         Other arguments: as :class:`GMMDetector` (``standardize`` is always on).
 
     Attributes:
@@ -414,7 +425,7 @@ class CombinedDetector(GMMDetector):
 
     def __init__(self, distance_columns=1, distance_weight=1.0, max_components=20, component_grid=None, cv=10,
                  acceptance=0.95, random_state=0, cv_max_samples=10_000, reg_covar=1e-5, max_iter=200,
-                 hinge_columns=0, hinge_weight=1.0):
+                 hinge_columns=0, hinge_weight=1.0, term_shape="linear"):
         super().__init__(max_components=max_components, component_grid=component_grid, cv=cv, standardize=True,
                          acceptance=acceptance, random_state=random_state, cv_max_samples=cv_max_samples,
                          reg_covar=reg_covar, max_iter=max_iter)
@@ -422,6 +433,7 @@ class CombinedDetector(GMMDetector):
         self.distance_weight = distance_weight
         self.hinge_columns = hinge_columns
         self.hinge_weight = hinge_weight
+        self.term_shape = term_shape
 
     def _fit(self, X):
         check_scalar(self.distance_columns, "distance_columns", numbers.Integral, min_val=0)
@@ -432,6 +444,8 @@ class CombinedDetector(GMMDetector):
                              "column before them")
         check_scalar(self.distance_weight, "distance_weight", numbers.Real, min_val=0.0)
         check_scalar(self.hinge_weight, "hinge_weight", numbers.Real, min_val=0.0)
+        if self.term_shape not in TERM_SHAPES:
+            raise ValueError(f"term_shape must be one of {', '.join(TERM_SHAPES)}, got {self.term_shape!r}")
         self.standardize = True
         Z = self._fit_scaler(X)
         density = self._fit_mixture(Z[:, : self.mixture_columns])
@@ -448,14 +462,31 @@ class CombinedDetector(GMMDetector):
         return self.n_features_in_ - self.distance_columns - self.hinge_columns
 
     def _combine(self, density: np.ndarray, Z: np.ndarray) -> np.ndarray:
-        """Eq. C1 from the mixture's log-density (N,) and the standardised rows Z (N, n_features)."""
-        score = (density - self.density_mean_) / self.density_std_
+        """Eq. C1 or C2 from the mixture's log-density (N,) and the standardised rows Z (N, n_features)."""
+        shape = TERM_SHAPES[self.term_shape]
+        score = -shape((self.density_mean_ - density) / self.density_std_, False)
         if self.hinge_columns:
             hinge = Z[:, self.mixture_columns:self.mixture_columns + self.hinge_columns]
-            score = score - self.hinge_weight * np.maximum(hinge, 0.0).sum(axis=1)
+            score = score - self.hinge_weight * shape(hinge, True).sum(axis=1)
         if self.distance_columns:
-            score = score - self.distance_weight * Z[:, self.n_features_in_ - self.distance_columns:].mean(axis=1)
+            distance = Z[:, self.n_features_in_ - self.distance_columns:].mean(axis=1)
+            score = score - self.distance_weight * shape(distance, False)
         return score
+
+
+def linear_term(u: np.ndarray, one_sided: bool) -> np.ndarray:
+    """Eq. C1's term for deviations u (training standard deviations): max(u, 0) where ``one_sided``, else u."""
+    return np.maximum(u, 0.0) if one_sided else u
+
+
+def softplus_term(u: np.ndarray, one_sided: bool = True) -> np.ndarray:
+    """Eq. C2's term for deviations u: log(1 + e^u), a smooth hinge (≈ 0 below the training mean, ≈ u far above
+    it); every term is one-sided."""
+    return np.logaddexp(0.0, u)
+
+
+TERM_SHAPES = {"linear": linear_term, "softplus": softplus_term}
+""":class:`CombinedDetector`'s ``term_shape`` → the function of a term's deviations."""
 
 
 DETECTORS = {"gmm": GMMDetector, "flow": FlowDetector, "knn": KNNDetector}

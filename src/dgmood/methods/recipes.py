@@ -73,6 +73,10 @@ class MethodConfig:
             term, eq. C1: only an image that a flip or rotation brings nearer the training images is penalised;
             on both models every flip and rotation check but two rose, by up to 0.05, docs/results.md) or
             ``mixture`` (one more column the mixture models).
+        term_shape: How the combined detector's terms (mixture density, one-sided terms, k-NN distance) add up:
+            ``softplus`` (eq. C2: each a smooth hinge, so only deviations away from the training images count;
+            on both models every in-distribution-made shift check's mean rose and the worst rose, docs/results.md)
+            or ``linear`` (eq. C1, the form before).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
@@ -96,6 +100,7 @@ class MethodConfig:
     orientation_grid: int = 7
     orientation_bank: int = 5000
     orientation_term: str = "hinge"
+    term_shape: str = "softplus"
     max_components: int = 10
     probes: int = 4
     seed: int = 0
@@ -120,6 +125,8 @@ class MethodConfig:
                              f"and {self.orientation_bank}")
         if self.orientation_term not in ("mixture", "hinge"):
             raise ValueError(f"orientation_term must be 'mixture' or 'hinge', got {self.orientation_term!r}")
+        if self.term_shape not in ("linear", "softplus"):
+            raise ValueError(f"term_shape must be 'linear' or 'softplus', got {self.term_shape!r}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
             raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
@@ -192,7 +199,8 @@ def _combined(kind: str, cfg: MethodConfig):
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
                                  max_components=cfg.max_components, acceptance=cfg.acceptance,
-                                 hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"))
+                                 hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"),
+                                 term_shape=cfg.term_shape)
     return [make[f]() for f in cfg.features], estimator, True
 
 
