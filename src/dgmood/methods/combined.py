@@ -5,11 +5,11 @@ error, the feature k-NN distance (to the nearest training images in the network'
 the orientation statistic (how much nearer the training images a flip or rotation of the image is, eq. O1)
 are concatenated per image, put on a log scale where they are positive norms or errors, standardised with
 training statistics and modelled by one Gaussian mixture fitted on training images only. The k-NN term, the
-log distance to the k-th nearest training image in raw pixels, is added to the mixture's log-density, and the
-orientation statistic enters one-sided (only its high values, an image nearer the training images turned, count
-against an image), all in training standard deviations (:class:`~dgmood.detectors.estimators.CombinedDetector`). No OOD data is used
-at any step: FLIPD's σ₀ comes from the LPCA calibration on training images, the mixture's size from held-out
-training likelihood, the k-NN term's weight is 1 (equal say, not tuned).
+log distance to the k-th nearest training image in raw pixels, and the orientation statistic are added to the
+mixture's log-density as terms; every term, the density's too, is one-sided (a smooth hinge of its deviation in
+training standard deviations, eq. C2: only deviations away from the training images count against an image;
+:class:`~dgmood.detectors.estimators.CombinedDetector`). No OOD data is used at any step: FLIPD's σ₀ comes from
+the LPCA calibration on training images, the mixture's size from held-out training likelihood, the k-NN term's weight is 1 (equal say, not tuned).
 
 Why these statistics (measured, docs/results.md): each sees a different kind of shift. Score norms see
 density at many scales; complexity sees how much is in the image; the LID sees the local dimension of the
