@@ -47,6 +47,32 @@ def _blur(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return np.clip(smoothed_map(x.reshape(-1, *x.shape[-2:]), sigma), 0, 1).reshape(x.shape).astype(np.float32)
 
 
+def _noisy(x: np.ndarray, sigma: float = 0.05) -> np.ndarray:
+    """Images with Gaussian pixel noise of ``sigma`` (pixel scale, seeded), clipped to [0, 1]."""
+    rng = np.random.default_rng(0)
+    return np.clip(x + sigma * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+
+
+def _low_contrast(x: np.ndarray, factor: float = 0.7) -> np.ndarray:
+    """Images with their contrast scaled by ``factor`` around each image's mean."""
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    return np.clip(mean + factor * (x - mean), 0, 1).astype(np.float32)
+
+
+def _occluded(x: np.ndarray, size: int = 8) -> np.ndarray:
+    """Images with a mid-grey ``size`` × ``size`` square at a seeded random place."""
+    out = x.copy()
+    rng = np.random.default_rng(0)
+    h, w = x.shape[-2:]
+    for img, top, left in zip(out, rng.integers(0, h - size + 1, len(x)), rng.integers(0, w - size + 1, len(x))):
+        img[..., top:top + size, left:left + size] = 0.5
+    return out
+
+
+OTHER_SHIFTS = {"noise": _noisy, "contrast": _low_contrast, "occlude": _occluded}
+"""Shifts of another kind than geometry (``--other-shifts``): Gaussian pixel noise σ = 0.05, contrast × 0.7, an
+8 × 8 mid-grey square; checks of what a change made for the orientation checks costs elsewhere."""
+
 MORE_SHIFTS = {
     "hflip": lambda x: np.ascontiguousarray(x[..., ::-1]),
     "rot180": lambda x: np.ascontiguousarray(np.rot90(x, 2, axes=(2, 3))),
@@ -59,13 +85,13 @@ MORE_SHIFTS = {
 a 3-pixel translation and a 1-pixel Gaussian blur (checks that no visible OOD set chose)."""
 
 
-def sets(run: Run, n: int, more: bool = False) -> tuple[str, dict]:
+def sets(run: Run, n: int, more: bool = False, other: bool = False) -> tuple[str, dict]:
     """In-distribution test spec and OOD loaders (name = cache key)."""
     in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
     other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
     loaders = {s: (lambda s=s: run.images(s)) for s in [f"{other}[:{n}]", "uniform[:500]", "gaussian[:500]",
                                                          "constant[:500]"]}
-    shifts = SHIFTS | (MORE_SHIFTS if more else {})
+    shifts = SHIFTS | (MORE_SHIFTS if more else {}) | (OTHER_SHIFTS if other else {})
     loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in shifts.items()}
     return in_spec, loaders
 
@@ -79,10 +105,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--more-shifts", action="store_true", help="also the shifts of MORE_SHIFTS")
+    parser.add_argument("--other-shifts", action="store_true", help="also the shifts of OTHER_SHIFTS")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Run(args.run, progress=True)
-    in_spec, loaders = sets(run, args.n, args.more_shifts)
+    in_spec, loaders = sets(run, args.n, args.more_shifts, args.other_shifts)
     probe = run.images(f"{in_spec.split('[')[0]}[:1000]")
     table, out = [], {}
     for item in args.variant or ["base={}"]:
