@@ -67,9 +67,8 @@ class MethodConfig:
             third of the time; docs/results.md).
         feature_knn_k, feature_knn_bank: Its neighbour and how many training images (the first) its bank holds.
         orientation_grid, orientation_bank: The orientation statistic's (``orient``) pooled grid per side and
-            how many training images (the first) its bank holds (14 and 5,000; under eq. C2 grid 14 found every
-            orientation check of the MNIST model and flips of the FashionMNIST one better than grid 7, translation and
-            blur too, for 0.1 ms per image more; a 20,000-image bank cost on blur, docs/results.md).
+            how many training images (the first) its bank holds (7 and 5,000; grid 14 finds flips better but costs
+            on the occlusion and contrast checks, a 20,000-image bank on blur, docs/results.md).
         orientation_term: How the orientation statistic enters the combined detector: ``hinge`` (a one-sided
             term, eq. C1: only an image that a flip or rotation brings nearer the training images is penalised;
             on both models every flip and rotation check but two rose, by up to 0.05, docs/results.md) or
@@ -98,7 +97,7 @@ class MethodConfig:
     complexity_codecs: tuple[str, ...] = ("png",)
     feature_knn_k: int = 5
     feature_knn_bank: int = 20000
-    orientation_grid: int = 14
+    orientation_grid: int = 7
     orientation_bank: int = 5000
     orientation_term: str = "hinge"
     term_shape: str = "softplus"
