@@ -9,7 +9,8 @@ log distance to the k-th nearest training image in raw pixels, and the orientati
 mixture's log-density as terms; every term, the density's too, is one-sided (a smooth hinge of its deviation in
 training standard deviations, eq. C2: only deviations away from the training images count against an image;
 :class:`~dgmood.detectors.estimators.CombinedDetector`). No OOD data is used at any step: FLIPD's σ₀ comes from
-the LPCA calibration on training images, the mixture's size from held-out training likelihood, the k-NN term's weight is 1 (equal say, not tuned).
+the LPCA calibration on training images, the mixture's size from held-out training likelihood, every term's weight
+is 1 (equal say, not tuned).
 
 Why these statistics (measured, docs/results.md): each sees a different kind of shift. Score norms see
 density at many scales; complexity sees how much is in the image; the LID sees the local dimension of the

@@ -75,8 +75,8 @@ class MethodConfig:
             ``mixture`` (one more column the mixture models).
         term_shape: How the combined detector's terms (mixture density, one-sided terms, k-NN distance) add up:
             ``softplus`` (eq. C2: each a smooth hinge, so only deviations away from the training images count;
-            on both models every in-distribution-made shift check's mean rose and the worst rose, docs/results.md)
-            or ``linear`` (eq. C1, the form before).
+            the MNIST model's vertical flip 0.946 → 0.960, contrast +0.016, FashionMNIST occlusion −0.009;
+            docs/results.md) or ``linear`` (eq. C1, the form before).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
