@@ -85,13 +85,13 @@ MORE_SHIFTS = {
 a 3-pixel translation and a 1-pixel Gaussian blur (checks that no visible OOD set chose)."""
 
 
-def sets(run: Run, n: int, more: bool = False, other: bool = False) -> tuple[str, dict]:
+def sets(run: Run, n: int, more: bool = False, other_kinds: bool = False) -> tuple[str, dict]:
     """In-distribution test spec and OOD loaders (name = cache key)."""
     in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
     other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
     loaders = {s: (lambda s=s: run.images(s)) for s in [f"{other}[:{n}]", "uniform[:500]", "gaussian[:500]",
                                                          "constant[:500]"]}
-    shifts = SHIFTS | (MORE_SHIFTS if more else {}) | (OTHER_SHIFTS if other else {})
+    shifts = SHIFTS | (MORE_SHIFTS if more else {}) | (OTHER_SHIFTS if other_kinds else {})
     loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in shifts.items()}
     return in_spec, loaders
 
