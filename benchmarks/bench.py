@@ -120,9 +120,16 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
     variants = {"combined": (image_det.estimator, list(range(len(columns))))}
 
     def variant(drop: str, **params):
+        """The default estimator's settings without the columns of ``drop`` (its one-sided term too, if it was one);
+        ``distance_columns=0`` with knn kept moves the k-NN column into the mixture, before the one-sided terms."""
         keep = [i for i, name in enumerate(columns) if name != drop]
-        det = CombinedDetector(max_components=config.max_components, **params).fit(train[:, keep])
-        return det, keep
+        hinge = image_det.estimator.hinge_columns if drop != "orient" else 0
+        if params.get("distance_columns") == 0 and drop != "knn":
+            rest, knn = [i for i in keep if columns[i] != "knn"], [i for i in keep if columns[i] == "knn"]
+            keep = rest[:len(rest) - hinge] + knn + rest[len(rest) - hinge:]
+        params = dict(image_det.estimator.get_params(), max_components=config.max_components, hinge_columns=hinge,
+                      **params)
+        return CombinedDetector(**params).fit(train[:, keep]), keep
 
     variants["combined without knn"] = variant("knn", distance_columns=0)
     if ablate:
@@ -143,7 +150,7 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
 
 
 _FEATURE_OF = {"score_norms": "msma", "complexity": "complexity", "flipd": "flipd", "reconstruction": "reconstruction",
-               "knn": "knn"}
+               "feature_knn": "fknn", "orientation": "orient", "knn": "knn"}
 
 
 def _columns(image_det, n_columns: int) -> list[str]:
