@@ -112,7 +112,6 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
     Variants: without the k-NN term; with ``ablate`` also without each statistic, and with the k-NN distance
     as one more mixture column instead of an added term."""
     image_det = run.image_detector("combined")
-    config = run.method_config()
     loaders = {in_spec: lambda: run.images(in_spec), **sets}
     matrices = {name: image_det.transform(fn, name) for name, fn in loaders.items()}
     train = image_det.transform(lambda: run.images(run.fit_spec()), run.fit_spec(), training=True)
@@ -127,8 +126,7 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
         if params.get("distance_columns") == 0 and drop != "knn":
             rest, knn = [i for i in keep if columns[i] != "knn"], [i for i in keep if columns[i] == "knn"]
             keep = rest[:len(rest) - hinge] + knn + rest[len(rest) - hinge:]
-        params = dict(image_det.estimator.get_params(), max_components=config.max_components, hinge_columns=hinge,
-                      **params)
+        params = dict(image_det.estimator.get_params(), hinge_columns=hinge, **params)
         return CombinedDetector(**params).fit(train[:, keep]), keep
 
     variants["combined without knn"] = variant("knn", distance_columns=0)

@@ -463,30 +463,26 @@ class CombinedDetector(GMMDetector):
 
     def _combine(self, density: np.ndarray, Z: np.ndarray) -> np.ndarray:
         """Eq. C1 or C2 from the mixture's log-density (N,) and the standardised rows Z (N, n_features)."""
-        shape = TERM_SHAPES[self.term_shape]
-        score = -shape((self.density_mean_ - density) / self.density_std_, False)
+        two_sided, one_sided = TERM_SHAPES[self.term_shape]
+        score = -two_sided((self.density_mean_ - density) / self.density_std_)
         if self.hinge_columns:
             hinge = Z[:, self.mixture_columns:self.mixture_columns + self.hinge_columns]
-            score = score - self.hinge_weight * shape(hinge, True).sum(axis=1)
+            score = score - self.hinge_weight * one_sided(hinge).sum(axis=1)
         if self.distance_columns:
             distance = Z[:, self.n_features_in_ - self.distance_columns:].mean(axis=1)
-            score = score - self.distance_weight * shape(distance, False)
+            score = score - self.distance_weight * two_sided(distance)
         return score
 
 
-def linear_term(u: np.ndarray, one_sided: bool) -> np.ndarray:
-    """Eq. C1's term for deviations u (training standard deviations): max(u, 0) where ``one_sided``, else u."""
-    return np.maximum(u, 0.0) if one_sided else u
-
-
-def softplus_term(u: np.ndarray, one_sided: bool = True) -> np.ndarray:
-    """Eq. C2's term for deviations u: log(1 + e^u), a smooth hinge (≈ 0 below the training mean, ≈ u far above
-    it); every term is one-sided."""
+def softplus(u: np.ndarray) -> np.ndarray:
+    """Eq. C2's term for deviations u (training standard deviations): log(1 + e^u), a smooth hinge (≈ 0 below the
+    training mean, ≈ u far above it)."""
     return np.logaddexp(0.0, u)
 
 
-TERM_SHAPES = {"linear": linear_term, "softplus": softplus_term}
-""":class:`CombinedDetector`'s ``term_shape`` → the function of a term's deviations."""
+TERM_SHAPES = {"linear": (lambda u: u, lambda u: np.maximum(u, 0.0)), "softplus": (softplus, softplus)}
+""":class:`CombinedDetector`'s ``term_shape`` → (term of the density and distance, term of a hinge column): eq. C1
+keeps the first linear and hinges the second at 0; eq. C2 makes both softplus."""
 
 
 DETECTORS = {"gmm": GMMDetector, "flow": FlowDetector, "knn": KNNDetector}
