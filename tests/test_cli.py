@@ -93,10 +93,11 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "big.npy", np.zeros((5, 32, 32), np.uint8))
     np.save(tmp_path / "range.npy", np.full((5, 28, 28), 2.0, np.float32))
     np.save(tmp_path / "shape.npy", np.zeros((5, 28), np.uint8))
+    np.save(tmp_path / "two.npy", np.zeros((5, 28, 28, 2), np.uint8))
     (tmp_path / "trunc.npy").write_bytes((tmp_path / "big.npy").read_bytes()[:100])
     return {
         tmp_path / "nan.npy": "nan",
-        tmp_path / "big.npy": "model expects",
+        tmp_path / "two.npy": "c = 1 or 3",  # (a 32x32 set is no longer an error: the run's resize policy crops it)
         tmp_path / "range.npy": "[0, 1]",
         tmp_path / "shape.npy": "shape",
         tmp_path / "trunc.npy": "trunc.npy",
@@ -123,9 +124,9 @@ def test_missing_run_and_missing_data_are_clean_errors(tmp_path):
 
 
 def test_wrong_channels_and_corrupt_idx_are_clean_errors(run_dir, tmp_path, data_dir):
-    np.save(tmp_path / "rgb.npy", np.zeros((4, 28, 28, 3), np.uint8))
+    np.save(tmp_path / "four.npy", np.zeros((4, 28, 28, 4), np.uint8))
     (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 7)
-    for spec, phrase in [(tmp_path / "rgb.npy", "model expects"), (tmp_path / "bad-images-idx3-ubyte", "bad-images")]:
+    for spec, phrase in [(tmp_path / "four.npy", "C = 1 or 3"), (tmp_path / "bad-images-idx3-ubyte", "bad-images")]:
         result = CliRunner().invoke(main, ["evaluate", "--run", str(run_dir), "--data-dir", str(data_dir),
                                            "--threads", "1", "--quiet", "--ood", str(spec)])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output

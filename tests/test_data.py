@@ -141,8 +141,12 @@ def test_mnist_default_split_and_partition(data_dir):
 
 
 def test_real_data_shape_mismatch(data_dir):
-    msg = _err("mnist[:5]", "images are 28x28x1 but the model expects 32x32x3", data_dir=data_dir, shape=(3, 32, 32))
+    msg = _err("mnist[:5]", "images are 28x28x1 but the model expects 32x32x3", data_dir=data_dir, shape=(3, 32, 32),
+               resize="error")
     assert "resize them or train a model on this data" in msg
+    # the default policy brings them to the model: 28 -> 32 on each side (a square needs no crop), grey -> RGB
+    x = load_images("mnist[:5]", data_dir, shape=(3, 32, 32))
+    assert x.shape == (5, 3, 32, 32) and np.array_equal(x[:, 0], x[:, 2])
 
 
 def test_mnist_train_missing_is_reported(data_dir):
@@ -209,8 +213,8 @@ def test_download_failures_leave_no_file(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="not a valid IDX file"):
         data.download("mnist", tmp_path)
     assert list((tmp_path / "mnist").iterdir()) == []
-    with pytest.raises(DataError, match="the named datasets are fashion-mnist, mnist"):
-        data.download("cifar10", tmp_path)
+    with pytest.raises(DataError, match="the named datasets are fashion-mnist, mnist, cifar10, tiny-imagenet"):
+        data.download("svhn", tmp_path)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -311,7 +315,8 @@ def test_npy_npz_corrupt_files(tmp_path):
 
 def test_custom_shape_mismatch(tmp_path):
     np.save(tmp_path / "c.npy", np.zeros((2, 32, 32, 3), np.uint8))
-    _err(str(tmp_path / "c.npy"), "images are 32x32x3 but the model expects 28x28x1; resize them", shape=(1, 28, 28))
+    _err(str(tmp_path / "c.npy"), "images are 32x32x3 but the model expects 28x28x1; resize them", shape=(1, 28, 28),
+         resize="error")
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -340,18 +345,16 @@ def test_png_folder_bad(tmp_path):
     mixed.mkdir()
     Image.new("L", (8, 8)).save(mixed / "a.png")
     Image.new("L", (9, 8)).save(mixed / "b.png")
-    _err(str(mixed), r"differ in size .*a.png is 8x8x1, b.png is 8x9x1\); resize")
+    _err(str(mixed), r"b.png: the image is 8x9 but the model takes 8x8; resize it, or pass --resize", shape=(1, 8, 8),
+         resize="error")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _err(str(empty), "has no PNG/JPEG images")
+    (empty / "notes.txt").write_text("no image")
+    _err(str(empty), r"has no images \(1 not an image skipped\); put PNG/JPEG files in it")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
-    _err(str(broken), r"cannot read image .*x.png")
-    wide = tmp_path / "wide"
-    wide.mkdir()
-    Image.new("I;16", (4, 4)).save(wide / "a.png")
-    _err(str(wide), "image mode I;16; save it as 8-bit greyscale")
+    _err(str(broken), r"x.png: not an image Pillow can read .*pass --skip-bad", shape=(1, 8, 8))
 
 
 # ----------------------------------------------------------------------------- SPEC grammar
@@ -372,8 +375,9 @@ def test_parse_and_describe():
 
 
 def test_unknown_and_bad_specs(tmp_path):
-    msg = _err("cifar10", "unknown dataset 'cifar10'")
-    for phrase in ("fashion-mnist", "mnist", "uniform", "gaussian", "constant", ".npy", ".npz", "-ubyte", "PNG"):
+    msg = _err("svhn", "unknown dataset 'svhn'")
+    for phrase in ("fashion-mnist", "mnist", "cifar10", "tiny-imagenet", "uniform", "gaussian", "constant", ".npy",
+                   ".npz", "-ubyte", ".zip", ".tar.gz"):
         assert phrase in msg
     _err("mnist:val", "unknown split 'val' for mnist; use mnist:train or mnist:test")
     _err("mnist[::2]", r"bad slice .*\[start:stop\]")

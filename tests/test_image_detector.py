@@ -207,7 +207,7 @@ def test_predict_a_folder_of_pngs(runs, images, tmp_path, data_dir):
                     "--data-dir", data_dir, "--threads", 1, "--quiet")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 16 and rows[0]["source"] == str(folder / "img00.png") and rows[-1]["source"] == "uniform[:4]#3"
+    assert len(rows) == 16 and rows[0]["source"] == "img00.png" and rows[-1]["source"] == "uniform[:4]#3"
     assert {"source", "set", "index", "score", "verdict", "threshold", "knn"} <= set(rows[0])
     det = Run(run.directory, data_dir=data_dir).image_detector("pixel-knn")
     for row in rows:
@@ -225,9 +225,20 @@ def test_predict_refuses_a_bad_file_and_writes_nothing(runs, images, tmp_path, d
                                        "--method", "pixel-knn", "--data-dir", str(data_dir), "--quiet"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
-        f"Error: cannot read image {folder / 'broken.png'} (cannot identify image file "
-        f"'{folder / 'broken.png'}'); it is truncated or corrupt, replace or remove it"]
+        f"Error: {folder / 'broken.png'}: not an image Pillow can read (unknown or corrupt format); "
+        "replace or remove it, or pass --skip-bad"]
     assert not out.exists() and not list(tmp_path.glob("*.csv*"))
+    # --skip-bad: the others are scored, the bad file is listed with its reason in the CSV and on the terminal
+    (folder / "empty.png").write_bytes(b"")
+    result = CliRunner().invoke(main, ["predict", "--run", str(runs["score"].directory), str(folder), "--out", str(out),
+                                       "--method", "pixel-knn", "--data-dir", str(data_dir), "--quiet", "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "skipped broken.png: not an image Pillow can read" in result.output
+    assert "skipped empty.png: the file is empty (0 bytes)" in result.output and "2 files skipped" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["source"] for r in rows] == ["broken.png", "empty.png", "img00.png", "img01.png", "img02.png"]
+    assert [r["score"] == "" for r in rows] == [True, True, False, False, False]
+    assert rows[0]["error"].startswith("not an image") and rows[2]["error"] == "" and rows[2]["height"] == str(images["in"].shape[2])
 
 
 def test_custom_rgb_folder_holds_out_a_test_split_and_scores(tmp_path, data_dir):

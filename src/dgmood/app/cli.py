@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from dgmood.data.images import DEFAULT_RESIZE, RESIZE_POLICIES
+
 __all__ = ["main"]
 
 DEFAULT_OOD = ("mnist:test", "uniform", "gaussian")
@@ -172,8 +174,15 @@ def _train_options(fn):
     net, tr, feat = NetConfig(), TrainConfig(), FeatureConfig()
     options = [
         click.option("--data", "data_spec", default="fashion-mnist",
-                     help="In-distribution training set: a name (fashion-mnist, mnist), a slice like "
-                          "mnist[:8000], or a .npy/.npz/IDX file or image folder."),
+                     help="In-distribution training set: a name (fashion-mnist, mnist, cifar10), a slice like "
+                          "mnist[:8000], a .npy/.npz/IDX file, a folder of images (read recursively) or a "
+                          ".zip/.tar/.tar.gz archive of images."),
+        click.option("--image-size", default=None, show_default=False, metavar="N|HxW",
+                     help="The model's input size in pixels [default: the training set's most common size]."),
+        click.option("--resize", type=click.Choice(RESIZE_POLICIES), default=DEFAULT_RESIZE,
+                     help="How an image of another size is brought to the model's, everywhere (training, evaluate, "
+                          "predict, serve): crop = scale the shorter side, cut the centre; stretch; pad = fit "
+                          "inside, black bars; error = refuse it. Saved with the run and its detectors."),
         click.option("--in", "in_spec", default="", show_default=False,
                      help="In-distribution test set [default: NAME:test for a named training set]."),
         click.option("--model", type=click.Choice(["score", "flow"]), default="score",
@@ -205,8 +214,22 @@ def _train_options(fn):
     return fn
 
 
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    """(H, W) of ``--image-size`` (``32`` or ``32x48``), None when not given."""
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise click.BadParameter(f"--image-size must be N or HxW in pixels, like 32 or 32x48; got {text!r}")
+    return size
+
+
 def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, channels, checkpoint_every, seed,
-                         amp, perturb, fit_n, **grid):
+                         amp, perturb, fit_n, image_size=None, resize=DEFAULT_RESIZE, **grid):
     from dgmood.data import datasets as datasets
     from dgmood.models.flow import FlowConfig
     from dgmood.models.network import NetConfig
@@ -217,8 +240,7 @@ def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, 
         chans = tuple(int(c) for c in channels.split(","))
     except ValueError as err:
         raise click.BadParameter(f"--channels must be integers like 32,64, got {channels!r}") from err
-    images = datasets.load_images(data_spec, run.data_dir)
-    shape = tuple(images.shape[1:])
+    shape = datasets.common_shape(data_spec, run.data_dir, _image_size(image_size))
     net = FlowConfig(image_shape=shape) if model == "flow" else NetConfig(image_shape=shape, channels=chans)
     lr = lr if lr is not None else FLOW_LR if model == "flow" else TrainConfig.lr
     if amp is None:
@@ -229,7 +251,7 @@ def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, 
         data=data_spec, in_test=in_spec, net=net,
         train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
                           perturb=perturb, amp=amp),
-        features=_grid(FeatureConfig(fit_n=fit_n), **grid),
+        features=_grid(FeatureConfig(fit_n=fit_n), **grid), resize=resize,
     )
 
 
@@ -524,15 +546,22 @@ def run_cmd(run_dir, device, data_dir, threads, quiet, dry_run, ood_specs, metho
 @click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
 @click.option("--threads", type=click.IntRange(1, 256), default=os.cpu_count() or 1, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="Hide progress bars.")
+@click.option("--skip-bad", is_flag=True,
+              help="Score the other images when a file is corrupt, truncated, empty, too large or not an image, and "
+                   "list each skipped file with its reason (in the CSV's error column and here) [default: stop at "
+                   "the first, writing nothing].")
 @_clean_errors
-def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, threads, quiet):
+def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, threads, quiet, skip_bad):
     """Which of IMAGES are out of distribution: score them with a fitted detector and write a CSV of verdicts.
 
-    IMAGES are dataset specs: folders of PNG/JPEG files, .npy/.npz arrays, IDX files, named sets, slices
-    (e.g. `scans/`, `x.npz:test`, `mnist:test[:100]`). Every set is read and checked before anything is
-    scored; the CSV has one row per image: source (file, or SPEC#INDEX), set, index, score, verdict (+1
-    in-distribution / -1 OOD), threshold, reasons (the statistics furthest from training, e.g.
-    "complexity -4.1σ"), each statistic's raw values and each column's deviation from training (z:COLUMN).
+    IMAGES are dataset specs: folders of images (read recursively), .zip/.tar/.tar.gz archives of images,
+    .npy/.npz arrays, IDX files, named sets, slices (e.g. `scans/`, `photos.zip[:500]`, `x.npz:test`,
+    `mnist:test[:100]`). Images of any size and mode are brought to the model by the detector's resize
+    policy; sets are streamed in chunks, so any number of images fits in memory. The CSV has one row per
+    image: source (the path in its folder or archive, or SPEC#INDEX), set, index, height and width of the
+    original, score, verdict (+1 in-distribution / -1 OOD), threshold, reasons (the statistics furthest
+    from training, e.g. "complexity -4.1σ"), each statistic's raw values, each column's deviation from
+    training (z:COLUMN) and error (why a file was skipped, with --skip-bad).
     """
     from dgmood.app.loading import load
     from dgmood.app.predict import predict
@@ -547,10 +576,14 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
     else:
         detector = load(run_dir, method, device)
     detector.progress = not quiet
-    n, flagged = predict(detector, list(images), out, data_dir, maps_dir)
+    summary = predict(detector, list(images), out, data_dir, maps_dir, skip_bad=skip_bad)
+    n, flagged = summary.n, summary.flagged
+    for source, reason in summary.skipped:
+        click.echo(f"skipped {source}: {reason}", err=True)
     click.echo(f"{flagged} of {n} images flagged out-of-distribution ({100 * flagged / max(n, 1):.1f} %) "
                f"by {detector.method} (threshold {detector.threshold:.4g}); verdicts in {out}"
-               + (f"; maps in {maps_dir}" if maps_dir else ""))
+               + (f"; maps in {maps_dir}" if maps_dir else "")
+               + (f"; {len(summary.skipped)} files skipped (listed above and in the CSV)" if summary.skipped else ""))
 
 
 # ---------------------------------------------------------------- online scoring

@@ -12,6 +12,7 @@ import torch
 
 from dgmood.data import datasets as datasets
 from dgmood.data.datasets import head_spec  # noqa: F401  (part of the run API)
+from dgmood.data.images import DEFAULT_RESIZE
 from dgmood.utils import distributed as dist
 from dgmood.models.checkpoint import CheckpointError, load_model, recover
 from dgmood.utils.files import file_sha256, write_json
@@ -53,7 +54,8 @@ class RunConfig:
     score network's (MSMA features, diffusion lens) or the image flow's (flow lens) architecture.
     ``method`` is the default detection method (:mod:`dgmood.methods.recipes`). ``holdout`` > 0: a seeded
     fraction of the training images (``holdout_seed``) is held out as the in-distribution test set
-    ``heldout`` (for a custom training set without a named test split)."""
+    ``heldout`` (for a custom training set without a named test split). ``resize`` is how every image is brought to
+    ``net.image_shape`` (:mod:`dgmood.data.images`): chosen at training, used by every stage and saved detector."""
 
     data: str = "fashion-mnist"
     in_test: str = ""
@@ -64,6 +66,7 @@ class RunConfig:
     method: str = "combined"
     holdout: float = 0.0
     holdout_seed: int = 0
+    resize: str = DEFAULT_RESIZE
 
     @property
     def model(self) -> str:
@@ -80,6 +83,7 @@ class RunConfig:
             train=TrainConfig(**d["train"]), features=FeatureConfig(**d["features"]),
             detectors=tuple(d["detectors"]), method=d.get("method", "combined"),
             holdout=float(d.get("holdout", 0.0)), holdout_seed=int(d.get("holdout_seed", 0)),
+            resize=d.get("resize", DEFAULT_RESIZE),
         )
 
 
@@ -170,12 +174,12 @@ class Run:
         if cfg.holdout > 0:
             base, start, stop = datasets.split_slice(str(spec))
             if base in (cfg.data, HELDOUT):
-                full = datasets.load_images(cfg.data, self.data_dir, shape=shape)
+                full = datasets.load_images(cfg.data, self.data_dir, shape=shape, resize=cfg.resize)
                 held = np.zeros(len(full), bool)
                 held[holdout_indices(len(full), cfg.holdout, cfg.holdout_seed)] = True
                 part = full[held] if base == HELDOUT else full[~held]
                 return np.ascontiguousarray(part[start:stop])
-        return datasets.load_images(spec, self.data_dir, shape=shape)
+        return datasets.load_images(spec, self.data_dir, shape=shape, resize=cfg.resize)
 
     def train(self) -> None:
         """Train (or resume) the score model of this run."""
@@ -264,11 +268,12 @@ class Run:
                 det = None  # damaged: fitted again below
             maps_expected = explainer_for(recipe.name, self.config.model, config) is not None
             if det is not None and {k: det.info.get(k) for k in expected} == json.loads(json.dumps(expected)) \
-                    and (det.explainer is not None) == maps_expected:  # fitted before maps existed: refit
+                    and (det.explainer is not None) == maps_expected \
+                    and det.resize == self.config.resize:  # fitted before maps or resize policies existed: refit
                 det.cache, det.progress = self.cache, self.progress
                 return det
         det = build_detector(recipe.name, self.model, self.config.model, config, self.device, self.cache,
-                             self.progress)
+                             self.progress, resize=self.config.resize)
         n = len(self.images(key)) if recipe.fit_n is not None else self.config.features.fit_n
         det.fit(self.images(self.config.data), fit_n=n, key=key)
         det.info.update(expected)

@@ -13,11 +13,16 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from dgmood.data.collection import Collection, archive_kind, list_collection
+from dgmood.data.images import DEFAULT_RESIZE, BadImage, ImagePolicy, fit_array, header
+from dgmood.data.stream import DEFAULT_CHUNK, Chunk, stream_collection
 
 __all__ = [
     "DATA_ENV",
@@ -34,7 +39,12 @@ __all__ = [
     "dataset_file",
     "describe",
     "download",
-    "folder_files",
+    "PHOTO_SETS",
+    "common_shape",
+    "fit_to_model",
+    "iter_chunks",
+    "open_collection",
+    "survey_shapes",
     "head_spec",
     "image_sources",
     "load_images",
@@ -61,8 +71,17 @@ URLS: dict[str, str] = {
 SPLITS = ("train", "test")
 """Splits of the named datasets; ``test`` is stored in the ``t10k-*`` files."""
 
-DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("train",), "mnist": ("train", "test")}
+DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("train",), "mnist": ("train", "test"),
+                                              "cifar10": ("train",), "tiny-imagenet": ("val",)}
 """Default split per dataset: the first listed whose image file exists (else the first)."""
+
+PHOTO_SETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "cifar10": {"train": (("cifar10/cifar10-train.zip", ""),), "test": (("cifar10/cifar10-test.zip", ""),)},
+    "tiny-imagenet": {"val": (("tiny-imagenet/tiny-imagenet-val.zip", ""),
+                              ("tiny-imagenet/tiny-imagenet-200.zip", "tiny-imagenet-200/val/images/"))},
+}
+"""Named photograph sets: split → the archives that hold it, in order of preference, as (path in the data folder,
+member prefix). CIFAR-10 is also read from the official binary release (:mod:`dgmood.data.releases`)."""
 
 SYNTHETIC = ("uniform", "gaussian", "constant")
 """Synthetic OOD sets (MSMA appendix A.1)."""
@@ -83,7 +102,6 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 # what np.load (allow_pickle=False) and reading an .npz member raise on a damaged file: numpy's header parser
 # lets SyntaxError / tokenize.TokenError escape, zipfile raises RuntimeError (encrypted) and NotImplementedError
 _NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxError, tokenize.TokenError,
@@ -91,8 +109,9 @@ _NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxEr
 PIL_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "RGB": "RGB", "RGBA": "RGB"}
 _SLICE_RE = re.compile(r"^(?P<base>.*)\[\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*\]$")
 _FORMS = (
-    "use fashion-mnist[:train|:test], mnist[:train|:test], uniform, gaussian, constant, "
-    "or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file or a folder of PNG/JPEG images"
+    "use fashion-mnist[:train|:test], mnist[:train|:test], cifar10[:train|:test], tiny-imagenet, uniform, gaussian, "
+    "constant, or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file, a folder of images "
+    "(read recursively) or a .zip/.tar/.tar.gz archive of images"
 )
 
 
@@ -105,7 +124,7 @@ class Spec:
     """A parsed dataset SPEC.
 
     Attributes:
-        kind: ``named``, ``synthetic``, ``npy``, ``npz``, ``idx`` or ``folder``.
+        kind: ``named``, ``synthetic``, ``npy``, ``npz``, ``idx``, ``folder`` or ``archive``.
         name: dataset name (named/synthetic) or the path as written (custom kinds).
         split: split of a named dataset, its fixed default filled in (``fashion-mnist`` → ``train``);
             None when the default depends on the files present (``mnist``: train if it exists, else test).
@@ -173,9 +192,9 @@ def dataset_file(name: str, split: str, what: str = "images", data_dir: str | os
 def _dataset_name(name: str) -> str:
     """Canonical dataset name, or DataError listing the known ones."""
     key = name.strip().lower().replace("_", "-")
-    if key in URLS:
+    if key in DEFAULT_SPLITS:
         return key
-    raise DataError(f"unknown dataset '{name}'; the named datasets are {', '.join(URLS)}")
+    raise DataError(f"unknown dataset '{name}'; the named datasets are {', '.join(DEFAULT_SPLITS)}")
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -287,6 +306,8 @@ def _path_kind(path: str) -> str | None:
     low = path.lower()
     if Path(path).expanduser().is_dir() or low.endswith(("/", os.sep)):
         return "folder"
+    if archive_kind(low) is not None:
+        return "archive"
     if low.endswith(".npy"):
         return "npy"
     if low.endswith(".npz"):
@@ -305,10 +326,11 @@ def _parse_named(base: str) -> Spec | None:
         if sep:
             raise DataError(f"synthetic set '{base}' takes no split; write just {name} (optionally {name}[:N])")
         return Spec("synthetic", name)
-    if name not in URLS:
+    if name not in DEFAULT_SPLITS:
         return None
-    if sep and split not in SPLITS:
-        raise DataError(f"unknown split '{split}' for {name}; use {name}:train or {name}:test")
+    splits = tuple(PHOTO_SETS[name]) if name in PHOTO_SETS else SPLITS
+    if sep and split not in splits:
+        raise DataError(f"unknown split '{split}' for {name}; use {' or '.join(f'{name}:{p}' for p in splits)}")
     fixed = DEFAULT_SPLITS[name][0] if len(DEFAULT_SPLITS[name]) == 1 else None
     return Spec("named", name, split=split or fixed)
 
@@ -406,12 +428,14 @@ def download(
     force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Fetch a named dataset's missing files (images and labels of every split) from :data:`URLS`.
+    """Fetch a named dataset's missing files from its official location.
 
-    Each file is written to a temporary file in the same folder, checked as IDX, then renamed.
+    FashionMNIST and MNIST: the IDX images and labels of every split (:data:`URLS`); CIFAR-10: its binary release;
+    Tiny ImageNet: its zip (:mod:`dgmood.data.releases`). Each file is written to a temporary file in the same
+    folder, checked (as IDX, as the release's format), then renamed.
 
     Args:
-        name: ``fashion-mnist`` or ``mnist``.
+        name: ``fashion-mnist``, ``mnist``, ``cifar10`` or ``tiny-imagenet``.
         data_dir: see :func:`resolve_data_dir`; files go to ``data_dir/name/``.
         force: fetch even files that exist.
         log: called with one line per file fetched (e.g. ``click.echo``).
@@ -429,6 +453,8 @@ def download(
     except OSError as e:
         msg = f"cannot create {folder} ({e.strerror or e}); choose a writable data dir with ${DATA_ENV}"
         raise DataError(msg) from None
+    if name in PHOTO_SETS:
+        return [_download_release(name, folder, force, log)]
     paths = [folder / _file_name(split, what) for split in SPLITS for what in ("images", "labels")]
     for path in paths:
         if force or not (path.is_file() or path.with_suffix("").is_file()):
@@ -436,15 +462,27 @@ def download(
     return paths
 
 
-def _fetch(url: str, dest: Path, log: Callable[[str], None] | None) -> None:
-    """Download ``url`` to ``dest`` atomically, validating it as IDX before the rename."""
+def _download_release(name: str, folder: Path, force: bool, log: Callable[[str], None] | None) -> Path:
+    """The official release of a photograph set in ``folder`` (fetched when missing or ``force``)."""
+    from dgmood.data import releases
+
+    url = releases.CIFAR10_URL if name == "cifar10" else releases.TINY_IMAGENET_URL
+    path = folder / url.rsplit("/", 1)[1]
+    if force or not path.is_file():
+        _fetch(url, path, log, lambda p: releases.check_release(name, Path(p)), "release")
+    return path
+
+
+def _fetch(url: str, dest: Path, log: Callable[[str], None] | None, check: Callable[[str], object] = read_idx,
+           what: str = "IDX file") -> None:
+    """Download ``url`` to ``dest`` atomically, validating it with ``check`` (default: as IDX) before the rename."""
     if log is not None:
         log(f"downloading {url} -> {dest}")
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out, 1 << 20)
-        read_idx(tmp)
+        check(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
@@ -452,7 +490,7 @@ def _fetch(url: str, dest: Path, log: Callable[[str], None] | None) -> None:
         msg = f"could not download {url} ({reason}); check the connection or put the file at {dest} by hand"
         raise DataError(msg) from None
     except DataError as e:
-        msg = f"the download of {url} is not a valid IDX file ({e}); try again or put the file at {dest} by hand"
+        msg = f"the download of {url} is not a valid {what} ({e}); try again or put the file at {dest} by hand"
         raise DataError(msg) from None
     finally:
         if os.path.exists(tmp):
@@ -504,74 +542,121 @@ def _load_npz(path: Path, key: str | None) -> np.ndarray:
         return arr
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """(H, W) uint8 for greyscale, (H, W, 3) for colour."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = PIL_MODES.get(im.mode)
-            arr = None if mode is None else np.asarray(im if im.mode == mode else im.convert(mode))
-            found = im.mode
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path} ({e}); it is truncated or corrupt, replace or remove it") from None
-    if arr is None:
-        raise DataError(f"{path} has image mode {found}; save it as 8-bit greyscale (L) or RGB")
-    return arr
-
-
-def _hwc(arr: np.ndarray) -> str:
-    """``HxWxC`` of an (H, W) or (H, W, C) image."""
-    return f"{arr.shape[0]}x{arr.shape[1]}x{arr.shape[2] if arr.ndim == 3 else 1}"
-
-
-def folder_files(path: Path) -> list[Path]:
-    """The PNG/JPEG files of an image folder in the order its images are loaded (sorted by name)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise DataError(f"folder {path} does not exist; check the path")
-    files = sorted((p for p in path.iterdir() if p.suffix.lower() in _IMAGE_EXTS and not p.name.startswith(".")),
-                   key=lambda p: p.name)
-    if not files:
-        raise DataError(f"folder {path} has no PNG/JPEG images; put .png/.jpg files in it")
-    return files
-
-
-def image_sources(spec: str | os.PathLike | Spec, n_images: int) -> list[str]:
-    """Where each of the ``n_images`` images of ``spec`` came from: the file of a folder's image, else
-    ``SPEC#INDEX`` (the index within the spec's array, after its slice)."""
+def open_collection(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> Collection | None:
+    """The :class:`~dgmood.data.collection.Collection` of a folder, an archive or a named photograph set stored
+    as an archive; None for sets held as arrays (IDX, .npy, .npz, synthetic, CIFAR-10's binary release)."""
     s = parse_spec(spec)
-    if s.kind == "folder":
-        files = folder_files(Path(s.name))
-        start, stop = _bounds(len(files), s)
-        return [str(f) for f in files[start:stop]][:n_images]
+    if s.kind in ("folder", "archive"):
+        return list_collection(Path(s.name).expanduser())
+    if s.kind == "named" and s.name in PHOTO_SETS:
+        found = _photo_archive(s, data_dir)
+        return None if found is None else list_collection(*found)
+    return None
+
+
+def _photo_archive(s: Spec, data_dir: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """(archive, member prefix) of a named photograph set; None when only CIFAR-10's binary release is there."""
+    from dgmood.data import releases
+
+    split = _resolve_split(s, data_dir)
+    root = resolve_data_dir(data_dir)
+    for relative, prefix in PHOTO_SETS[s.name][split]:
+        if (root / relative).is_file():
+            return root / relative, prefix
+    if s.name == "cifar10" and releases.cifar10_binary_path(root).is_file():
+        return None
+    first = root / PHOTO_SETS[s.name][split][0][0]
+    raise DataError(f"{s.name} {split} not found: put {first.name} at {first}, "
+                    f"or run `dgmood data download {s.name}`")
+
+
+def image_sources(spec: str | os.PathLike | Spec, n_images: int, data_dir: str | os.PathLike | None = None
+                  ) -> list[str]:
+    """Where each of the first ``n_images`` images of ``spec`` came from: the relative path of a folder's file or
+    an archive's member, else ``SPEC#INDEX`` (the index within the spec's array, after its slice)."""
+    s = parse_spec(spec)
+    collection = open_collection(s, data_dir)
+    if collection is not None:
+        start, stop = _bounds(len(collection.members), s)
+        return collection.members[start:stop][:n_images]
     return [f"{spec}#{i}" for i in range(n_images)]
 
 
-def _load_folder(path: Path) -> np.ndarray:
-    """(N, H, W) or (N, H, W, 3) uint8 from the folder's PNG/JPEG files, sorted by name."""
-    files = folder_files(path)
-    images = [_read_image(p) for p in files]
-    for p, im in zip(files, images):
-        if im.shape != images[0].shape:
-            raise DataError(
-                f"images in {path} differ in size or colour ({files[0].name} is {_hwc(images[0])}, "
-                f"{p.name} is {_hwc(im)}); resize/convert them all to one size and mode"
-            )
-    return np.stack(images)
+def survey_shapes(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> Counter:
+    """How many images of ``spec`` have each (C, H, W) (after EXIF orientation; C = 1 for grey modes), from
+    headers only; unreadable images are not counted."""
+    s = parse_spec(spec)
+    if s.kind == "synthetic":
+        return Counter({DEFAULT_SHAPE: len(_synthetic(s, DEFAULT_SHAPE, None, 0))})
+    collection = open_collection(s, data_dir)
+    if collection is None:
+        x = to_nchw(_raw_images(s, data_dir), describe(s))
+        start, stop = _bounds(len(x), s)
+        return Counter({tuple(x.shape[1:]): stop - start})
+    start, stop = _bounds(len(collection.members), s)
+    counts = Counter()
+    for source, data in collection.read(start, stop):
+        if isinstance(data, BadImage):
+            continue
+        try:
+            counts[header(data, source)] += 1
+        except BadImage:
+            continue
+    return counts
+
+
+def common_shape(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None,
+                 size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """The (C, H, W) a model trained on ``spec`` takes by default.
+
+    Args:
+        spec: the training set.
+        data_dir: see :func:`resolve_data_dir`.
+        size: (H, W) chosen by the user; None: the most common size (ties: the larger area).
+
+    Returns:
+        (C, H, W) with C = 3 when at least half of the images have colour, else 1.
+    """
+    counts = survey_shapes(spec, data_dir)
+    if not counts:
+        raise DataError(f"no image of {describe(spec)} can be read; check the files")
+    colour = sum(n for (c, _, _), n in counts.items() if c == 3)
+    channels = 3 if 2 * colour >= sum(counts.values()) else 1
+    if size is None:
+        sizes = Counter()
+        for (_, h, w), n in counts.items():
+            sizes[h, w] += n
+        size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1], hw))
+    return channels, int(size[0]), int(size[1])
+
+
+def _bad_image_error(s: Spec, err: BadImage) -> DataError:
+    """One line naming a bad image by its path (a folder's file) or archive and member, and what to do."""
+    where = str(Path(s.name) / err.source) if s.kind == "folder" else f"{describe(s)}: {err.source}"
+    return DataError(f"{where}: {err.reason}; {err.fix}")
+
+
+def _load_collection(collection: Collection, s: Spec, policy: ImagePolicy, n: int | None) -> np.ndarray:
+    """(N, C, H, W) float32 of a collection's images in the spec's slice (the first ``n``), every image checked."""
+    start, stop = _bounds(len(collection.members), s)
+    stop = stop if n is None else min(stop, start + n)
+    chunks = [c.images for c in stream_collection(collection, policy, start, stop)]
+    return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
 
 # ----------------------------------------------------------------------------- conversion
 
 
 def _raw_images(s: Spec, data_dir: str | os.PathLike | None) -> np.ndarray:
-    """The whole set before slicing: uint8 or float, (N, H, W) or (N, H, W, C)."""
+    """The whole set before slicing, of a set held as an array: uint8 or float, (N, H, W) or (N, H, W, C)."""
+    if s.kind == "named" and s.name in PHOTO_SETS:
+        from dgmood.data import releases
+
+        return releases.read_cifar10_binary(releases.cifar10_binary_path(resolve_data_dir(data_dir)),
+                                            _resolve_split(s, data_dir))[0]
     if s.kind == "named":
         return read_idx(_named_path(s, "images", data_dir))
     path = Path(s.name).expanduser()
-    if s.kind == "folder":
-        return _load_folder(path)
     if s.kind == "npy":
         return _load_npy(path)
     if s.kind == "npz":
@@ -692,17 +777,21 @@ def load_images(
     shape: tuple[int, int, int] | None = None,
     n: int | None = None,
     seed: int = 0,
+    resize: str = DEFAULT_RESIZE,
 ) -> np.ndarray:
-    """Load the image set a SPEC names (see :func:`parse_spec`).
+    """Load the image set a SPEC names (see :func:`parse_spec`), every image brought to one shape.
 
     Args:
-        spec: dataset SPEC, e.g. ``fashion-mnist``, ``mnist[8000:]``, ``uniform[:500]``, ``x.npz:test``.
+        spec: dataset SPEC, e.g. ``fashion-mnist``, ``mnist[8000:]``, ``uniform[:500]``, ``x.npz:test``,
+            ``photos/``, ``cifar10:test``, ``x.tar.gz[:100]``.
         data_dir: folder of the named datasets, see :func:`resolve_data_dir`.
-        shape: the model's (C, H, W). Synthetic sets are drawn at this shape (default (1, 28, 28));
-            other sets must match it.
+        shape: the model's (C, H, W): every image is brought to it by the ``resize`` policy
+            (:mod:`dgmood.data.images`); synthetic sets are drawn at it. None: arrays keep their shape, a folder
+            or archive takes its most common one (:func:`common_shape`), synthetic sets are (1, 28, 28).
         n: synthetic sets: size before slicing (default 10000); other sets: keep at most the first n
             images after slicing.
         seed: seed of synthetic sets (``numpy.random.default_rng``); the same spec and seed give the same images.
+        resize: ``crop``, ``stretch``, ``pad`` or ``error`` (see :mod:`dgmood.data.images`).
 
     Returns:
         C-contiguous float32 array of shape (N, C, H, W) with values in [0, 1].
@@ -714,12 +803,66 @@ def load_images(
     if s.kind == "synthetic":
         return _synthetic(s, shape or DEFAULT_SHAPE, n, seed)
     label = describe(s)
+    collection = open_collection(s, data_dir)
+    if collection is not None:
+        policy = ImagePolicy(shape or common_shape(s, data_dir), resize)
+        try:
+            return _load_collection(collection, s, policy, n)
+        except BadImage as err:
+            raise _bad_image_error(s, err) from None
     x = to_nchw(_raw_images(s, data_dir), label)
     start, stop = _bounds(len(x), s)
     x = to_unit(x[start:stop][:n], label)
-    if shape is not None:
-        check_model_shape(x, shape, label)
-    return x
+    return x if shape is None else fit_to_model(x, shape, label, resize)
+
+
+def fit_to_model(x: np.ndarray, shape: tuple[int, int, int], label: str, resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """(N, C, H, W) float32 images in [0, 1] brought to the model's (C, H, W) by the ``resize`` policy
+    (:func:`dgmood.data.images.fit_array`); DataError when ``resize`` is ``error`` and the size differs."""
+    try:
+        return fit_array(x, ImagePolicy(tuple(shape), resize), label)
+    except BadImage:
+        check_model_shape(x, tuple(shape), label)
+        raise
+
+
+def iter_chunks(
+    spec: str | os.PathLike | Spec,
+    shape: tuple[int, int, int],
+    data_dir: str | os.PathLike | None = None,
+    *,
+    resize: str = DEFAULT_RESIZE,
+    chunk: int = DEFAULT_CHUNK,
+    skip_bad: bool = False,
+    seed: int = 0,
+) -> Iterator[Chunk]:
+    """The images of ``spec`` in chunks of at most ``chunk``, brought to ``shape`` by ``resize``: memory bounded
+    by a chunk for folders and archives (decoded ahead by threads, :mod:`dgmood.data.stream`).
+
+    Raises:
+        DataError: a bad spec or set, or (unless ``skip_bad``) the first image that cannot be used, named.
+    """
+    s = parse_spec(spec)
+    collection = open_collection(s, data_dir)
+    if collection is not None:
+        start, stop = _bounds(len(collection.members), s)
+        try:
+            yield from stream_collection(collection, ImagePolicy(tuple(shape), resize), start, stop, chunk, skip_bad)
+        except BadImage as err:
+            raise _bad_image_error(s, err) from None
+        return
+    label = describe(s)
+    if s.kind == "synthetic":
+        x, size = load_images(s, data_dir, shape=shape, seed=seed), tuple(shape[1:])
+    else:
+        raw = to_nchw(_raw_images(s, data_dir), label)
+        start, stop = _bounds(len(raw), s)
+        x, size = raw[start:stop], raw.shape[2:]
+    for begin in range(0, len(x), chunk):
+        images = fit_to_model(to_unit(x[begin:begin + chunk], label), shape, label, resize)
+        yield Chunk(images, [f"{spec}#{i}" for i in range(begin, begin + len(images))],
+                    np.tile(np.asarray(size, np.int64), (len(images), 1)),
+                    np.arange(begin, begin + len(images), dtype=np.int64), [])
 
 
 def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> np.ndarray:
@@ -745,7 +888,7 @@ def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | No
     return labels[start:stop].astype(np.int64)
 
 
-def prepare_images(images, shape: tuple[int, int, int], label: str = "input") -> np.ndarray:
+def prepare_images(images, shape: tuple[int, int, int], label: str = "input", resize: str = "error") -> np.ndarray:
     """Validate images for a model of (C, H, W) ``shape`` and convert them to float32 (N, C, H, W) in [0, 1].
 
     Args:
@@ -753,6 +896,8 @@ def prepare_images(images, shape: tuple[int, int, int], label: str = "input") ->
             {1, 3}; uint8 (0-255) or float in [0, 1].
         shape: the model's (C, H, W).
         label: what the images are called in error messages.
+        resize: how images of another size or colour are brought to ``shape`` (:mod:`dgmood.data.images`);
+            ``error`` refuses another size.
 
     Returns:
         C-contiguous float32 array of shape (N, C, H, W).
@@ -770,5 +915,6 @@ def prepare_images(images, shape: tuple[int, int, int], label: str = "input") ->
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[3] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # (N, C, H, W) is accepted here (dgmood.data.datasets asks files for channels last)
     x = to_nchw(arr, label)
-    check_model_shape(x, tuple(shape), label)
-    return to_unit(x, label)
+    if resize == "error":
+        check_model_shape(x, tuple(shape), label)
+    return fit_to_model(to_unit(x, label), shape, label, resize)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dgmood.data.datasets import prepare_images
+from dgmood.data.images import DEFAULT_RESIZE, ImagePolicy
 from dgmood.statistics.base import Statistic, as_columns, statistic_from_dict
 from dgmood.statistics.maps import SMOOTH, AnomalyMap, difference_map, nearest_indices, smoothed_map
 from dgmood.utils.errors import CheckpointError
@@ -104,6 +105,8 @@ class ImageDetector:
         runtime: Where forward-only statistics run the network: ``torch`` (the module), ``onnx`` (the module
             traced into ONNX Runtime, about 1.8× faster on CPUs, :mod:`dgmood.models.exported`) or ``auto``
             (``onnx`` for a score network on the CPU when onnxruntime is installed).
+        resize: How images of another size or colour are brought to the model (``crop``, ``stretch``, ``pad``,
+            ``error``; :mod:`dgmood.data.images`); saved with the detector (older saved detectors: ``error``).
 
     Attributes:
         columns_: Feature column names (after ``fit``).
@@ -114,10 +117,11 @@ class ImageDetector:
 
     def __init__(self, model, statistics: list[Statistic], estimator, method: str = "", log_scale: bool = True,
                  device="cpu", cache=None, progress: bool = False, explainer: AnomalyMap | None = None,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", resize: str = DEFAULT_RESIZE):
         from dgmood.models.exported import resolve_runtime
 
         self.model, self.statistics, self.estimator = model, list(statistics), estimator
+        self.resize = ImagePolicy(self.image_shape, resize).resize
         self.runtime = resolve_runtime(runtime, model, device)
         self._exported = None
         self.method, self.log_scale, self.device = method, log_scale, device
@@ -146,9 +150,9 @@ class ImageDetector:
         return float(self.estimator.offset_)
 
     def prepare(self, images, label: str = "input") -> np.ndarray:
-        """Images validated for the model and converted to float32 (N, C, H, W) in [0, 1]
+        """Images validated for the model, brought to its shape by :attr:`resize`, as float32 (N, C, H, W) in [0, 1]
         (:func:`dgmood.data.datasets.prepare_images`; raises DataError with a one-line message)."""
-        return prepare_images(images, self.image_shape, label)
+        return prepare_images(images, self.image_shape, label, self.resize)
 
     # --- statistics -------------------------------------------------------------------------------------------
 
@@ -310,7 +314,8 @@ class ImageDetector:
         """JSON-ready summary: method, statistics, estimator, threshold, image shape, model checksum."""
         return {"method": self.method, "statistics": [s.to_dict() for s in self.statistics],
                 "estimator": type(self.estimator).__name__, "threshold": self.threshold,
-                "image_shape": list(self.image_shape), "model_sha256": self.model_sha256, "columns": self.columns_}
+                "image_shape": list(self.image_shape), "resize": self.resize, "model_sha256": self.model_sha256,
+                "columns": self.columns_}
 
     # --- save / load ------------------------------------------------------------------------------------------
 
@@ -352,7 +357,7 @@ class ImageDetector:
         save_detector(self.estimator, tmp / "estimator", {"method": self.method})
         files = ["model.safetensors", "statistics.safetensors", "estimator/detector.json", "estimator/arrays.safetensors"]
         write_json(tmp / "detector.json", with_checksum({
-            "format": FORMAT, "method": self.method, "image_shape": list(self.image_shape),
+            "format": FORMAT, "method": self.method, "image_shape": list(self.image_shape), "resize": self.resize,
             "net": self.model.config.to_dict(), "statistics": stats, "log_scale": self.log_scale,
             "columns": self.columns_, "threshold": self.threshold, "explainer": explainer,
             "column_moments": None if self.column_mean_ is None else {
@@ -402,7 +407,7 @@ class ImageDetector:
                                 {k[4:]: v for k, v in arrays.items() if k.startswith("map.")})
         estimator, _ = load_detector(directory / "estimator")
         det = cls(model, statistics, estimator, meta["method"], bool(meta.get("log_scale", True)), device,
-                  explainer=explainer, runtime=runtime)
+                  explainer=explainer, runtime=runtime, resize=meta.get("resize", "error"))
         det.columns_, det.info = list(meta.get("columns", [])), dict(meta.get("info", {}))
         if meta.get("column_moments"):
             det.column_mean_ = np.asarray(meta["column_moments"]["mean"], dtype=np.float64)

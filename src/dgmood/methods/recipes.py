@@ -277,9 +277,9 @@ def resolve_method(name: str) -> Recipe:
 
 
 def build_detector(method: str, model, kind: str, config: MethodConfig | None = None, device="cpu", cache=None,
-                   progress: bool = False, runtime: str = "auto") -> ImageDetector:
-    """An unfitted :class:`ImageDetector` of ``method`` on ``model`` (of kind ``score`` or ``flow``); ``runtime`` as
-    in :class:`ImageDetector`."""
+                   progress: bool = False, runtime: str = "auto", resize: str = "crop") -> ImageDetector:
+    """An unfitted :class:`ImageDetector` of ``method`` on ``model`` (of kind ``score`` or ``flow``); ``runtime`` and
+    ``resize`` as in :class:`ImageDetector`."""
     recipe = resolve_method(method)
     if kind not in recipe.models:
         need = " or ".join(recipe.models)
@@ -288,4 +288,4 @@ def build_detector(method: str, model, kind: str, config: MethodConfig | None = 
     config = config or MethodConfig()
     statistics, estimator, log_scale = recipe.build(kind, config)
     return ImageDetector(model, statistics, estimator, recipe.name, log_scale, device, cache, progress,
-                         explainer=explainer_for(recipe.name, kind, config), runtime=runtime)
+                         explainer=explainer_for(recipe.name, kind, config), runtime=runtime, resize=resize)
