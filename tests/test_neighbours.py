@@ -60,16 +60,33 @@ def test_int8_search_between_8_bit_images_equals_the_fp32_search(images, monkeyp
 
     bank, queries = images
     off_grid = np.clip(queries + 0.3 / 255.0, 0, 1).astype(np.float32)  # not 8-bit: takes the fp32 search
+    monkeypatch.setenv("DGMOOD_KERNELS", "knn=int8")
     assert neighbours._search_space(bank, queries)[2] is neighbours.level_distances
     assert neighbours._search_space(bank, off_grid)[2] is neighbours.squared_distances
     assert neighbours._search_space(bank.astype(np.float32) / 255, queries)[2] is neighbours.squared_distances
     d, i = kneighbors(bank, queries, 5, bank_chunk=700)
-    fp32 = lambda b, q: (neighbours.torch.as_tensor(q.astype(np.float32)), neighbours._as_float(b),  # noqa: E731
-                         neighbours.squared_distances)
-    monkeypatch.setattr(neighbours, "_search_space", fp32)
+    monkeypatch.setenv("DGMOOD_KERNELS", "knn=fp32")
+    assert neighbours._search_space(bank, queries)[2] is neighbours.squared_distances
     d32, i32 = kneighbors(bank, queries, 5, bank_chunk=700)
     np.testing.assert_array_equal(d, d32)
     assert (i == i32).mean() > 0.99  # ties between equally near training images may order differently
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_both_kernels_give_the_same_neighbours_on_8_bit_images(monkeypatch, exclude):
+    from dgmood.statistics import neighbours
+
+    rng = np.random.default_rng(0)
+    bank = rng.integers(0, 256, (700, 784), dtype=np.uint8)
+    queries = bank[:150].astype(np.float32) / 255.0 if exclude else rng.integers(0, 256, (150, 784)) / 255.0
+    skip = np.arange(150) if exclude else None
+    found = {}
+    for kernel, distances in [("int8", neighbours.level_distances), ("fp32", neighbours.squared_distances)]:
+        monkeypatch.setenv("DGMOOD_KERNELS", f"knn={kernel}")
+        assert neighbours._search_space(bank, queries)[2] is distances
+        found[kernel] = kneighbors(bank, queries, 4, exclude=skip, chunk=64, bank_chunk=300)
+    np.testing.assert_array_equal(found["int8"][0], found["fp32"][0])
+    np.testing.assert_array_equal(found["int8"][1], found["fp32"][1])
 
 
 def test_level_distances_are_exact_squared_level_distances():

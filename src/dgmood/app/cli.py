@@ -201,7 +201,7 @@ def _train_options(fn):
         click.option("--amp/--no-amp", default=None,
                      help="Mixed precision (bfloat16 autocast) for the score network's training [default: on where "
                           "the device computes bf16 natively (CUDA GPUs, CPUs with AVX512-BF16 or AMX): ~1.4x faster "
-                          "at the same AUROCs; off elsewhere]."),
+                          "at the same AUROCs; off elsewhere; DGMOOD_KERNELS=amp=on|off sets it; see `dgmood info`]."),
         click.option("--perturb", type=click.FloatRange(0, 1), default=0.0,
                      help="Train a likelihood-ratio background model: each training pixel replaced by a random "
                           "8-bit level with this probability μ (Ren et al. 2019; 0.15 is their range's middle)."),
@@ -244,9 +244,9 @@ def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, 
     net = FlowConfig(image_shape=shape) if model == "flow" else NetConfig(image_shape=shape, channels=chans)
     lr = lr if lr is not None else FLOW_LR if model == "flow" else TrainConfig.lr
     if amp is None:
-        from dgmood.models.train import native_bf16
+        from dgmood.models.train import default_amp
 
-        amp = model != "flow" and native_bf16(run.device)
+        amp = model != "flow" and default_amp(run.device)
     return RunConfig(
         data=data_spec, in_test=in_spec, net=net,
         train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
@@ -623,6 +623,26 @@ def serve_cmd(run_dir, detector, host, port, max_bytes, threads, device, quiet):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ---------------------------------------------------------------- this machine
+@main.command("info")
+@_clean_errors
+def info_cmd():
+    """Versions, the CPU's relevant flags and the kernels chosen for it (k-NN search, train's --amp default,
+    ONNX Runtime or torch, threads), each with where the choice came from: probe, cached, override or feature
+    rule. Runs the k-NN probe (a few ms; under 0.3 s on CPUs without VNNI) if nothing is cached."""
+    import platform
+
+    import torch
+
+    from dgmood import __version__
+    from dgmood.utils import kernels
+
+    click.echo(f"dgmood {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+               f"{platform.system()}")
+    for line in kernels.describe():
+        click.echo(line)
 
 
 if __name__ == "__main__":

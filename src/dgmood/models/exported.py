@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgmood.utils import kernels
+
 __all__ = ["OnnxScoreNet", "graph_key", "onnx_available", "resolve_runtime"]
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -39,7 +41,8 @@ def onnx_available() -> bool:
 
 def resolve_runtime(runtime: str, model, device) -> str:
     """``torch`` or ``onnx``: ``auto`` is ``onnx`` for a :class:`~dgmood.models.network.ScoreNet` on the CPU when
-    ONNX Runtime is installed, else ``torch``; ``onnx`` without ONNX Runtime or off the CPU is an error."""
+    ONNX Runtime is installed (unless ``DGMOOD_KERNELS=runtime=torch``, :func:`dgmood.utils.kernels.runtime`),
+    else ``torch``; ``onnx`` without ONNX Runtime or off the CPU is an error."""
     from dgmood.models.network import ScoreNet
 
     if runtime not in RUNTIMES:
@@ -48,7 +51,8 @@ def resolve_runtime(runtime: str, model, device) -> str:
     if runtime == "onnx" and not usable:
         raise ValueError("runtime onnx needs a score network on the CPU and onnxruntime installed "
                          "(`pip install onnxruntime`), or use runtime torch")
-    return "onnx" if runtime != "torch" and usable else "torch"
+    wanted = runtime == "onnx" or runtime == "auto" and kernels.runtime().value == "onnx"
+    return "onnx" if wanted and usable else "torch"
 
 
 class _Traced(torch.nn.Module):

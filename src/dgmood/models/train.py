@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dgmood.utils import distributed as dist
+from dgmood.utils import kernels
 from dgmood.models.checkpoint import META, load_checkpoint, save_checkpoint
 from dgmood.models.perturb import perturb
 from dgmood.models.flow import ImageFlow
 from dgmood.models.losses import sample_sigmas
 from dgmood.models.registry import build_model, draw_inputs, per_image_loss, training_loss
 
-__all__ = ["TrainConfig", "ema_decay", "learning_rate", "native_bf16", "read_train_log", "train"]
+__all__ = ["TrainConfig", "default_amp", "ema_decay", "learning_rate", "native_bf16", "read_train_log", "train"]
 
 
 @dataclass(frozen=True)
@@ -148,13 +149,14 @@ def native_bf16(device="cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    try:
-        return any(bool(check()) for check in checks if check is not None)
-    except RuntimeError:
-        return False
+    return device.type == "cpu" and bool(kernels.native_bf16_units())
+
+
+def default_amp(device="cpu") -> bool:
+    """The default of ``dgmood train --amp``: ``DGMOOD_KERNELS=amp=on|off`` where set, else :func:`native_bf16`
+    (:mod:`dgmood.utils.kernels`)."""
+    forced = kernels.overrides().get("amp")
+    return forced == "on" if forced else native_bf16(device)
 
 
 def _autocast(model, cfg: TrainConfig, device: torch.device):

@@ -4,14 +4,18 @@ scikit-learn's brute ``NearestNeighbors`` does the same search; on 5,000 queries
 FashionMNIST bank on 2 cores it took 1.02 ms per query against 0.50 here (issue 11). This runs one matrix product
 per chunk of queries and bank rows and keeps only the k smallest; tests/test_neighbours.py checks it against
 scikit-learn. Between 8-bit images (a uint8 bank, queries on the 8-bit grid) the product is of int8 levels with
-int32 sums (eq. K2), exact and several times faster than fp32 on CPUs with integer dot-product units; otherwise
-it is fp32 (eq. K0).
+int32 sums (eq. K2), exact and several times faster than fp32 on CPUs with integer dot-product units but ~16x
+slower without them, so it runs only where a probe measured it faster (:func:`dgmood.utils.kernels.knn_kernel`,
+``DGMOOD_KERNELS=knn=int8|fp32`` forces either); otherwise it is fp32 (eq. K0). Both give the same neighbours:
+the final k are re-ranked in float64 either way.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from dgmood.utils import kernels
 
 __all__ = ["SPARE", "kneighbors", "level_distances", "squared_distances"]
 
@@ -77,10 +81,11 @@ def kneighbors(bank: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarra
 
 def _search_space(bank: np.ndarray, queries: np.ndarray):
     """(queries, bank, distance function) of the candidate search: int8 levels and eq. K2 between 8-bit images
-    (a uint8 bank and queries on the 8-bit grid), else fp32 on the [0, 1] scale and eq. K0. Either way the final
-    k come from :func:`_exact`."""
+    (a uint8 bank and queries on the 8-bit grid) where the int8 kernel is chosen, else fp32 on the [0, 1] scale
+    and eq. K0. Either way the final k come from :func:`_exact`."""
     bank = np.asarray(bank)
-    levels = _grid_levels(queries) if bank.dtype == np.uint8 and hasattr(torch, "_int_mm") else None
+    int8 = bank.dtype == np.uint8 and hasattr(torch, "_int_mm") and kernels.knn_kernel().value == "int8"
+    levels = _grid_levels(queries) if int8 else None
     if levels is not None:
         return _int8_levels(levels), _int8_levels(bank), level_distances
     return torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)), _as_float(bank), squared_distances
