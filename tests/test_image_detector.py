@@ -230,11 +230,13 @@ def test_predict_refuses_a_bad_file_and_writes_nothing(runs, images, tmp_path, d
     assert not out.exists() and not list(tmp_path.glob("*.csv*"))
     # --skip-bad: the others are scored, the bad file is listed with its reason in the CSV and on the terminal
     (folder / "empty.png").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"x")
     result = CliRunner().invoke(main, ["predict", "--run", str(runs["score"].directory), str(folder), "--out", str(out),
                                        "--method", "pixel-knn", "--data-dir", str(data_dir), "--quiet", "--skip-bad"])
     assert result.exit_code == 0, result.output
     assert "skipped broken.png: not an image Pillow can read" in result.output
     assert "skipped empty.png: the file is empty (0 bytes)" in result.output and "2 files skipped" in result.output
+    assert "ignored 1 hidden file" in result.output
     rows = list(csv.DictReader(out.open()))
     assert [r["source"] for r in rows] == ["broken.png", "empty.png", "img00.png", "img01.png", "img02.png"]
     assert [r["score"] == "" for r in rows] == [True, True, False, False, False]

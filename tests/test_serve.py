@@ -102,9 +102,25 @@ def test_load_scores_equal_the_runs_own_detector(run_dir, bundle, data_dir):
     assert set(np.unique(bundle.predict(raw))) <= {-1, 1}
 
 
+def test_load_brings_other_sizes_and_colours_by_the_saved_policy(bundle):
+    """The run's policy (crop) travels with the detector: a 32×32 image is cut to 28×28, RGB becomes grey; under
+    ``error`` both are refused with the data module's messages."""
+    rng = np.random.default_rng(0)
+    big, rgb = rng.integers(0, 256, (2, 32, 32), np.uint8), rng.integers(0, 256, (2, 28, 28, 3), np.uint8)
+    assert bundle.resize == "crop"
+    np.testing.assert_allclose(bundle.score(big), bundle.score(bundle.prepare(big)))
+    assert bundle.prepare(big).shape == (2, 1, 28, 28) and bundle.prepare(rgb).shape == (2, 1, 28, 28)
+    bundle.resize = "error"
+    try:
+        for images, message in [(big, "images are 32x32x1 but the model expects 28x28x1"),
+                                (rgb, "images are 28x28x3 but the model expects 28x28x1")]:
+            with pytest.raises(DataError, match=message):
+                bundle.score(images)
+    finally:
+        bundle.resize = "crop"
+
+
 @pytest.mark.parametrize("images, message", [
-    (np.zeros((2, 32, 32), np.uint8), "images are 32x32x1 but the model expects 28x28x1"),
-    (np.zeros((2, 28, 28, 3), np.uint8), "images are 28x28x3 but the model expects 28x28x1"),
     (np.full((2, 28, 28), np.nan, np.float32), "contains NaN or inf"),
     (np.full((2, 28, 28), 1.5), "must lie in [0, 1]"),
     (np.zeros((2, 28, 28), np.int64), "has dtype int64"),

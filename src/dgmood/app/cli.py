@@ -152,12 +152,13 @@ def data():
 
 
 @data.command("download")
-@click.argument("name", type=click.Choice(["fashion-mnist", "mnist"]))
+@click.argument("name", type=click.Choice(["fashion-mnist", "mnist", "cifar10", "tiny-imagenet"]))
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Target folder [default: $DGMOOD_DATA, else ~/.cache/dgmood/data].")
 @_clean_errors
 def data_download(name, data_dir):
-    """Fetch the official IDX files of NAME into the data folder."""
+    """Fetch the official files of NAME into the data folder: IDX files (fashion-mnist, mnist), CIFAR-10's binary
+    release, Tiny ImageNet's zip."""
     from dgmood.data import datasets as datasets
 
     paths = datasets.download(name, datasets.resolve_data_dir(data_dir))
@@ -578,6 +579,9 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
     detector.progress = not quiet
     summary = predict(detector, list(images), out, data_dir, maps_dir, skip_bad=skip_bad)
     n, flagged = summary.n, summary.flagged
+    for spec, counts in summary.ignored.items():
+        click.echo(f"{spec}: ignored {', '.join(f'{n} {why}' for why, n in counts.items())} "
+                   f"file{'s' if sum(counts.values()) > 1 else ''}", err=True)
     for source, reason in summary.skipped:
         click.echo(f"skipped {source}: {reason}", err=True)
     click.echo(f"{flagged} of {n} images flagged out-of-distribution ({100 * flagged / max(n, 1):.1f} %) "

@@ -21,21 +21,27 @@ CHUNK = 1024
 
 @dataclass
 class Summary:
-    """What :func:`predict` did: images scored, of them flagged, and the files skipped as (source, reason)."""
+    """What :func:`predict` did: images scored, of them flagged, the files skipped as bad (source, reason), and
+    per set the entries of its folder or archive that are not images (``hidden`` / ``not an image`` → count)."""
 
     n: int = 0
     flagged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _check_specs(specs: list[str], data_dir) -> None:
+def _check_specs(specs: list[str], data_dir) -> dict[str, dict[str, int]]:
     """Every spec parsed and every folder/archive listed before anything is scored (a typo in the last set stops
-    the run at once)."""
+    the run at once); returns what each folder or archive holds besides images."""
     from dgmood.data.datasets import open_collection, parse_spec
 
+    ignored = {}
     for spec in specs:
         parse_spec(spec)
-        open_collection(spec, data_dir)
+        collection = open_collection(spec, data_dir)
+        if collection is not None and collection.skipped:
+            ignored[spec] = collection.skipped
+    return ignored
 
 
 class MapWriter:
@@ -142,9 +148,8 @@ def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path
     from dgmood.data.datasets import iter_chunks
     from dgmood.utils.files import atomic_write
 
-    _check_specs(specs, data_dir)
+    summary = Summary(ignored=_check_specs(specs, data_dir))
     writer = None if maps_dir is None else MapWriter(maps_dir, detector.image_shape[1:])
-    summary = Summary()
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

@@ -42,6 +42,7 @@ __all__ = [
     "PHOTO_SETS",
     "common_shape",
     "fit_to_model",
+    "to_model",
     "iter_chunks",
     "open_collection",
     "survey_shapes",
@@ -812,13 +813,23 @@ def load_images(
             raise _bad_image_error(s, err) from None
     x = to_nchw(_raw_images(s, data_dir), label)
     start, stop = _bounds(len(x), s)
-    x = to_unit(x[start:stop][:n], label)
-    return x if shape is None else fit_to_model(x, shape, label, resize)
+    return to_unit(x[start:stop][:n], label) if shape is None else to_model(x[start:stop][:n], shape, label, resize)
+
+
+def to_model(x: np.ndarray, shape: tuple[int, int, int], label: str, resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """(N, C, H, W) images, uint8 or float in [0, 1] (validated), as C-contiguous float32 in [0, 1] of the model's
+    (C, H, W): uint8 images of another size take the steps of a decoded file (:func:`fit_to_model`)."""
+    if resize == "error":
+        check_model_shape(x, tuple(shape), label)
+    if x.dtype == np.uint8 and tuple(x.shape[1:]) != tuple(shape):
+        return fit_to_model(np.ascontiguousarray(x), shape, label, resize)
+    return fit_to_model(to_unit(x, label), shape, label, resize)
 
 
 def fit_to_model(x: np.ndarray, shape: tuple[int, int, int], label: str, resize: str = DEFAULT_RESIZE) -> np.ndarray:
-    """(N, C, H, W) float32 images in [0, 1] brought to the model's (C, H, W) by the ``resize`` policy
-    (:func:`dgmood.data.images.fit_array`); DataError when ``resize`` is ``error`` and the size differs."""
+    """(N, C, H, W) images (uint8, or float32 in [0, 1]) as float32 in [0, 1] brought to the model's (C, H, W) by
+    the ``resize`` policy (:func:`dgmood.data.images.fit_array`); DataError when ``resize`` is ``error`` and the
+    size differs."""
     try:
         return fit_array(x, ImagePolicy(tuple(shape), resize), label)
     except BadImage:
@@ -859,7 +870,7 @@ def iter_chunks(
         start, stop = _bounds(len(raw), s)
         x, size = raw[start:stop], raw.shape[2:]
     for begin in range(0, len(x), chunk):
-        images = fit_to_model(to_unit(x[begin:begin + chunk], label), shape, label, resize)
+        images = to_model(x[begin:begin + chunk], shape, label, resize)
         yield Chunk(images, [f"{spec}#{i}" for i in range(begin, begin + len(images))],
                     np.tile(np.asarray(size, np.int64), (len(images), 1)),
                     np.arange(begin, begin + len(images), dtype=np.int64), [])
@@ -915,6 +926,4 @@ def prepare_images(images, shape: tuple[int, int, int], label: str = "input", re
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[3] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # (N, C, H, W) is accepted here (dgmood.data.datasets asks files for channels last)
     x = to_nchw(arr, label)
-    if resize == "error":
-        check_model_shape(x, tuple(shape), label)
-    return fit_to_model(to_unit(x, label), shape, label, resize)
+    return to_model(x, shape, label, resize)

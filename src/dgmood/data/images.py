@@ -260,20 +260,37 @@ def _fit_float(image: np.ndarray, size: tuple[int, int], resize: str, source: st
     return np.stack(channels)
 
 
+def _fit_uint8(image: np.ndarray, policy: ImagePolicy, source: str) -> np.ndarray:
+    """One (C, H, W) uint8 image through the same Pillow steps as a decoded file: (C', H', W') uint8."""
+    from PIL import Image
+
+    im = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+    arr = np.asarray(fit_size(to_channels(im, policy.shape[0]), policy.size, policy.resize, source))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 def fit_array(x: np.ndarray, policy: ImagePolicy, label: str = "input") -> np.ndarray:
     """Images already in memory brought to the model by ``policy`` (channels, then size).
 
+    uint8 images take exactly the steps of :func:`decode` (an array scores as the PNG of its pixels would);
+    float images are converted by luma / repetition and resized channel by channel in Pillow's float mode.
+
     Args:
-        x: (N, C, H, W) float32 in [0, 1], C = 1 or 3.
+        x: (N, C, H, W) uint8, or float32 in [0, 1]; C = 1 or 3.
         policy: the model's :class:`ImagePolicy`.
         label: the images' name in messages.
 
     Returns:
-        (N, C', H', W') float32 in [0, 1] of the model's shape; ``x`` itself when it already has it.
+        (N, C', H', W') float32 in [0, 1] of the model's shape.
 
     Raises:
         BadImage: ``resize`` is ``error`` and the size differs.
     """
+    if x.dtype == np.uint8:
+        if x.shape[1:] == policy.shape:
+            return x.astype(np.float32) / np.float32(255.0)
+        out = np.stack([_fit_uint8(im, policy, f"{label}#{i}") for i, im in enumerate(x)])
+        return out.astype(np.float32) / np.float32(255.0)
     c = policy.shape[0]
     if x.shape[1] != c:
         x = _luma(x) if c == 1 else np.repeat(x, 3, axis=1)
