@@ -53,6 +53,7 @@ bench: $(BIN)/.installed-test
 	@test -f $(DEMO_RUN)/checkpoint/checkpoint.json || $(MAKE) demo
 	$(BIN)/python benchmarks/speed.py --run $(DEMO_RUN) --threads $(THREADS)
 	$(BIN)/python benchmarks/localisation.py --run $(DEMO_RUN) --threads $(THREADS)
+	$(BIN)/python benchmarks/stream.py --threads $(THREADS)
 
 # Dual threshold (issue 3): trains what is missing (flows 2500 steps; score models of the reference architecture,
 # 1500 and 4000 steps), then evaluates both lenses; statistics are cached per run.

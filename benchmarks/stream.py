@@ -102,7 +102,8 @@ def dataloader_rate(folder: Path, n: int, workers: int) -> float:
     import torch
 
     files = sorted(folder.rglob("*.jpg"))[:n]
-    loader = torch.utils.data.DataLoader(_Files(files), batch_size=1024, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(_Files(files), batch_size=1024, num_workers=workers, prefetch_factor=2,
+                                         collate_fn=np.stack)
     start = time.perf_counter()
     count = sum(len(batch) for batch in loader)
     return count / (time.perf_counter() - start)

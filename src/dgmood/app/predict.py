@@ -30,18 +30,20 @@ class Summary:
     ignored: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _check_specs(specs: list[str], data_dir) -> dict[str, dict[str, int]]:
+def _check_specs(specs: list[str], data_dir) -> tuple[dict[str, dict[str, int]], int | None]:
     """Every spec parsed and every folder/archive listed before anything is scored (a typo in the last set stops
-    the run at once); returns what each folder or archive holds besides images."""
-    from dgmood.data.datasets import open_collection, parse_spec
+    the run at once); returns what each folder or archive holds besides images, and the number of images when
+    every set is a folder or archive (else None)."""
+    from dgmood.data.datasets import image_count, open_collection, parse_spec
 
-    ignored = {}
+    ignored, total = {}, 0
     for spec in specs:
         parse_spec(spec)
         collection = open_collection(spec, data_dir)
         if collection is not None and collection.skipped:
             ignored[spec] = collection.skipped
-    return ignored
+        total = None if collection is None or total is None else total + image_count(spec, collection)
+    return ignored, total
 
 
 class MapWriter:
@@ -148,8 +150,13 @@ def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path
     from dgmood.data.datasets import iter_chunks
     from dgmood.utils.files import atomic_write
 
-    summary = Summary(ignored=_check_specs(specs, data_dir))
+    from tqdm.auto import tqdm
+
+    ignored, total = _check_specs(specs, data_dir)
+    summary = Summary(ignored=ignored)
     writer = None if maps_dir is None else MapWriter(maps_dir, detector.image_shape[1:])
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not detector.progress)
+    progress, detector.progress = detector.progress, False  # one bar for the whole run, not one per chunk
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -173,6 +180,7 @@ def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path
                     summary.n += len(part.images)
                     summary.flagged += 0 if e is None else int(np.sum(e.verdicts == -1))
                     summary.skipped += [(s, r) for _, s, r in part.bad]
+                    bar.update(len(part.images) + len(part.bad))
                     if writer is not None and e is not None:
                         writer.add(detector, part.images, e, part.sources)
             if table is None:  # nothing could be scored: the skipped files alone
@@ -186,6 +194,9 @@ def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        bar.close()
+        detector.progress = progress
     if writer is not None:
         writer.finish()
     return summary

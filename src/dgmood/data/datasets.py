@@ -43,6 +43,7 @@ __all__ = [
     "common_shape",
     "fit_to_model",
     "to_model",
+    "image_count",
     "iter_chunks",
     "open_collection",
     "survey_shapes",
@@ -581,6 +582,12 @@ def image_sources(spec: str | os.PathLike | Spec, n_images: int, data_dir: str |
         start, stop = _bounds(len(collection.members), s)
         return collection.members[start:stop][:n_images]
     return [f"{spec}#{i}" for i in range(n_images)]
+
+
+def image_count(spec: str | os.PathLike | Spec, collection: Collection) -> int:
+    """Images of a folder or archive ``spec`` in its slice (``collection`` is its listing)."""
+    start, stop = _bounds(len(collection.members), parse_spec(spec))
+    return stop - start
 
 
 def survey_shapes(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> Counter:
