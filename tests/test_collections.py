@@ -258,6 +258,7 @@ def test_named_photo_sets_resolve_to_the_archives(tmp_path):
          {"tiny-imagenet-200/val/images/val_0.JPEG": _jpeg(_rgb(64, 64)),
           "tiny-imagenet-200/train/x/a.JPEG": _jpeg(_rgb(64, 64))})
     assert load_images("cifar10:test", root).shape == (3, 3, 32, 32)
+    assert data.load_labels("cifar10:test", root).tolist() == [0, 0, 0]
     assert data.image_sources("cifar10:test[1:]", 5, root) == ["test/cat/0001.jpg", "test/cat/0002.jpg"]
     x = load_images("tiny-imagenet", root, shape=(3, 32, 32))
     assert x.shape == (1, 3, 32, 32)  # the official zip's val/images only
@@ -311,6 +312,7 @@ def test_download_photo_releases_without_the_network(monkeypatch, tmp_path):
     assert data.download("tiny-imagenet", root) == [root / "tiny-imagenet" / "tiny-imagenet-200.zip"]
     assert seen == [releases.CIFAR10_URL, releases.TINY_IMAGENET_URL]
     assert load_images("cifar10", root).shape == (10, 3, 32, 32)
+    assert data.load_labels("cifar10[2:5]", root).tolist() == [2, 3, 4]
     assert load_images("tiny-imagenet", root).shape == (1, 3, 64, 64)
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: _Response(b"<html>"))
     with pytest.raises(DataError, match="not a valid release"):

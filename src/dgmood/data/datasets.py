@@ -886,6 +886,9 @@ def iter_chunks(
 def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Class labels of a named dataset, with the same split and slice rules as :func:`load_images`.
 
+    CIFAR-10's labels are its class folders in sorted order (airplane 0 … truck 9, as the official release numbers
+    them) or the binary release's label bytes; Tiny ImageNet's validation images have none here.
+
     Args:
         spec: SPEC of a named dataset, e.g. ``mnist[:8000]``.
         data_dir: see :func:`resolve_data_dir`.
@@ -897,13 +900,26 @@ def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | No
         DataError: not a named dataset, missing or corrupt labels file, bad slice.
     """
     s = parse_spec(spec)
-    if s.kind != "named":
-        raise DataError(f"{describe(s)} has no labels; labels exist only for {', '.join(URLS)}")
-    labels = read_idx(_named_path(s, "labels", data_dir))
+    if s.kind != "named" or s.name == "tiny-imagenet":
+        raise DataError(f"{describe(s)} has no labels; labels exist only for {', '.join(URLS)}, cifar10")
+    labels = _photo_labels(s, data_dir) if s.name in PHOTO_SETS else read_idx(_named_path(s, "labels", data_dir))
     if labels.ndim != 1:
         raise DataError(f"{s.name} labels have shape {labels.shape}, expected (N,); the file is corrupt, get it again")
     start, stop = _bounds(len(labels), s)
     return labels[start:stop].astype(np.int64)
+
+
+def _photo_labels(s: Spec, data_dir: str | os.PathLike | None) -> np.ndarray:
+    """CIFAR-10's labels, (N,): the class folder of each archive member (sorted classes), or the binary release's."""
+    collection = open_collection(Spec(s.kind, s.name, s.split), data_dir)
+    if collection is None:
+        from dgmood.data import releases
+
+        return releases.read_cifar10_binary(releases.cifar10_binary_path(resolve_data_dir(data_dir)),
+                                            _resolve_split(s, data_dir))[1]
+    classes = [m.split("/")[-2] for m in collection.members]
+    index = {c: i for i, c in enumerate(sorted(set(classes)))}
+    return np.array([index[c] for c in classes], np.int64)
 
 
 def prepare_images(images, shape: tuple[int, int, int], label: str = "input", resize: str = "error") -> np.ndarray:
