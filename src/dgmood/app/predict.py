@@ -150,12 +150,12 @@ def predict(detector, specs: list[str], out: Path, data_dir=None, maps_dir: Path
     from dgmood.data.datasets import iter_chunks
     from dgmood.utils.files import atomic_write
 
-    from tqdm.auto import tqdm
+    from dgmood.utils.progress import progress_bar
 
     ignored, total = _check_specs(specs, data_dir)
     summary = Summary(ignored=ignored)
     writer = None if maps_dir is None else MapWriter(maps_dir, detector.image_shape[1:])
-    bar = tqdm(total=total, desc="predict", unit="img", disable=not detector.progress)
+    bar = progress_bar(total=total, desc="predict", unit="img", enabled=detector.progress)
     progress, detector.progress = detector.progress, False  # one bar for the whole run, not one per chunk
 
     def write(tmp: Path) -> None:

@@ -303,9 +303,9 @@ class FlowDetector(BaseDetector):
         best_loss, best_state, self.best_epoch_, wait = math.inf, copy.deepcopy(flow.state_dict()), 0, 0
         epochs = range(1, self.max_epochs + 1)
         if self.verbose:
-            from tqdm.auto import tqdm
+            from dgmood.utils.progress import progress_bar
 
-            epochs = tqdm(epochs, desc="FlowDetector", unit="epoch")
+            epochs = progress_bar(epochs, desc="FlowDetector", unit="epoch")
         for epoch in epochs:
             self.n_epochs_ = epoch
             self.loss_curve_.append(self._epoch(flow, optimizer, train, generator))

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from dgmood.utils import distributed as dist
 from dgmood.utils import kernels
+from dgmood.utils.progress import progress_bar
 from dgmood.models.checkpoint import META, load_checkpoint, save_checkpoint
 from dgmood.models.perturb import perturb
 from dgmood.models.flow import ImageFlow
@@ -223,7 +222,7 @@ def train(
     if world > 1 and min(len(data), cfg.batch_size) < world:
         raise ValueError(f"a batch of {min(len(data), cfg.batch_size)} images cannot be split over {world} processes; "
                          "use a larger --batch-size or fewer processes")
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and dist.is_main()))
+    bar = progress_bar(total=cfg.steps, initial=step, desc="train", unit="step", enabled=progress and dist.is_main())
     window, t0, seen = [], time.perf_counter(), 0
     while step < cfg.steps:
         idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed)

@@ -23,9 +23,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from dgmood.utils.files import remove_leftovers
+from dgmood.utils.progress import progress_bar
 
 __all__ = ["LIDS", "LID_STATISTIC", "LensConfig", "StatCache", "compute_statistic", "parse_solver", "statistic_names"]
 
@@ -198,7 +197,7 @@ def compute_statistic(model, images: np.ndarray, config: LensConfig, stat: str, 
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     out, start = [], time.perf_counter()
-    bar = tqdm(total=len(data), desc=stat, unit="img", disable=not progress)
+    bar = progress_bar(total=len(data), desc=stat, unit="img", enabled=progress)
     for batch in data.split(config.batch_size):
         out.append(fn(model, batch.to(device), config, generator, **extra).detach().double().cpu().numpy())
         bar.update(len(batch))

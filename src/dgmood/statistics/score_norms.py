@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from dgmood.utils import distributed as dist
 from dgmood.utils.files import atomic_write, remove_leftovers
+from dgmood.utils.progress import progress_bar
 
 __all__ = ["FeatureCache", "FeatureSet", "column_names", "score_norms"]
 
@@ -45,7 +44,7 @@ def score_norms(
     sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float32))
     images = torch.as_tensor(images)
     out = np.empty((len(images), len(sigmas)), dtype=np.float32)
-    bar = tqdm(total=len(images) * len(sigmas), desc="features", unit="img·σ", disable=not progress)
+    bar = progress_bar(total=len(images) * len(sigmas), desc="features", unit="img·σ", enabled=progress)
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         for i, sigma in enumerate(sigmas):
