@@ -171,13 +171,13 @@ def server(run_dir, tmp_path_factory):
 
 
 def request(url, method="GET", path="/health", body=None, headers=None):
-    """(status, JSON body, headers) of one request over loopback."""
+    """(status, JSON body, headers) of one request over loopback (headers looked up case-insensitively)."""
     host_port = url.split("//")[1]
     conn = http.client.HTTPConnection(host_port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null"), dict(response.getheaders())
+        return response.status, json.loads(response.read() or b"null"), response.headers  # case-insensitive
     finally:
         conn.close()
 
