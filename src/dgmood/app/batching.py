@@ -4,7 +4,8 @@ A request is admitted (or refused when the queue is full), then decoded off the 
 worker takes the first queued request, adds the others queued within ``max_wait_ms`` (waiting only while more
 admitted requests are still being received or decoded) up to ``max_batch`` images, and scores them all in one
 call on its own thread. Each image's score does not depend on the others in its batch
-(docs/design.md, "Statistics are computed once"), so a batched answer equals the answer alone.
+(docs/design.md, "Statistics are computed once"), so a batched answer equals the answer alone up to the float32
+rounding of a batched network pass (measured: 2e-6 relative on the combined detector's score).
 """
 
 from __future__ import annotations
