@@ -84,7 +84,8 @@ def main(argv=None) -> int:
                     res = load(url, args.image, n, c)
                     lat, failed = res["latency_ms"], failed + res["failed"]
                     print(f"round {r + 1} {name:>6} c={c:<3} {res['ok']}/{n} ok {res['requests_per_s']:7.1f} req/s "
-                          f"p50 {lat['p50']:6.1f} ms p99 {lat['p99']:6.1f} ms", flush=True)
+                          f"p50 {lat['p50']:6.1f} ms p99 {lat['p99']:6.1f} ms"
+                          + (f"; outcomes {res['outcomes']}" if res["failed"] else ""), flush=True)
                     if res["requests_per_s"] > best.get((name, c), {"requests_per_s": -1})["requests_per_s"]:
                         best[(name, c)] = res
             finally:

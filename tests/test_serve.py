@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +332,49 @@ def test_the_page_scores_dropped_images_in_chromium(server, verdict_pngs):
         assert card["maps"] == [28] and card["uploads"] == [28], card  # both pictures decoded and drawn
     assert outside == []  # no external assets
     assert proc.poll() is None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_uvicorn_workers_serve_the_run_named_in_the_environment(run_dir, uploads, tmp_path):
+    port = free_port()
+    env = dict(ENV, DGMOOD_SERVE_RUN=str(run_dir), DGMOOD_SERVE_MAX_BYTES="100000")
+    log = open(tmp_path / "uvicorn.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "dgmood.app.serve:app", "--workers", "2",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # both workers load the detector: up to a minute on two busy cores
+            try:
+                if request(url)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.25)
+        status, answer, _ = request(url, "POST", "/score", (uploads / "good.png").read_bytes())
+        assert status == 200 and answer["detector"] == "combined", answer
+        assert request(url, "GET", "/info")[1]["max_bytes"] == 100_000
+        assert request(url, "POST", "/score", b"x" * 100_001)[0] == 413
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "Traceback" not in text, text
+
+
+def test_the_app_without_a_run_says_what_to_set(monkeypatch):
+    import dgmood.app.serve as serve_module
+
+    monkeypatch.delenv("DGMOOD_SERVE_RUN", raising=False)
+    monkeypatch.setattr(serve_module, "_APP", None)
+    with pytest.raises(RuntimeError, match="set DGMOOD_SERVE_RUN"):
+        serve_module.app
 
 
 def test_sigint_stops_the_server_cleanly(server):

@@ -24,8 +24,9 @@ while reading); 408 body not received within :data:`BODY_TIMEOUT`; 422 a readabl
 together are scored in one network pass (:mod:`dgmood.app.batching`); decoding runs on a thread pool.
 
 ``create_app(detector)`` builds the app (tests drive it in-process); ``uvicorn dgmood.app.serve:app --workers N``
-serves the detector folder or run named by ``DGMOOD_SERVE_RUN`` (and ``DGMOOD_SERVE_METHOD``,
-``DGMOOD_SERVE_DEVICE``) in each worker.
+serves the detector folder or run named by ``DGMOOD_SERVE_RUN`` in each worker (and ``DGMOOD_SERVE_METHOD``,
+``DGMOOD_SERVE_DEVICE``, ``DGMOOD_SERVE_MAX_BYTES``, ``DGMOOD_SERVE_BATCH_SIZE``, ``DGMOOD_SERVE_BATCH_WAIT_MS``:
+the options of ``dgmood serve``).
 """
 
 from __future__ import annotations
@@ -313,7 +314,9 @@ def __getattr__(name: str):
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _APP is None:
-        _APP = create_app(_detector_from_env(), int(os.environ.get("DGMOOD_SERVE_MAX_BYTES", 2_000_000)))
+        env = os.environ.get
+        _APP = create_app(_detector_from_env(), int(env("DGMOOD_SERVE_MAX_BYTES", 2_000_000)),
+                          int(env("DGMOOD_SERVE_BATCH_SIZE", 32)), float(env("DGMOOD_SERVE_BATCH_WAIT_MS", 5.0)))
     return _APP
 
 
