@@ -1,5 +1,6 @@
 """Online scoring: dgmood.load on a run directory, and `dgmood serve` over loopback HTTP in a subprocess."""
 
+import base64
 import http.client
 import io
 import json
@@ -316,7 +317,12 @@ def test_the_page_scores_dropped_images_in_chromium(server, verdict_pngs):
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((url, "blob:", "data:")) else 0)
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('about').textContent.includes('combined')")
-            page.set_input_files("#files", [str(p) for p in verdict_pngs])
+            page.set_input_files("#files", [str(verdict_pngs[0])])  # chosen ...
+            page.evaluate("""([name, b64]) => {  // ... and dropped
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0)), dt = new DataTransfer();
+                dt.items.add(new File([bytes], name, {type: "image/png"}));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt}));
+            }""", ["ood.png", base64.b64encode(verdict_pngs[1].read_bytes()).decode()])
             page.wait_for_selector("#results[data-done='2']", timeout=60_000)
             cards = page.eval_on_selector_all("#results .card", """cards => cards.map(c => ({
                 name: c.querySelector('.name').textContent, state: c.dataset.state, verdict: c.dataset.verdict,
@@ -448,8 +454,6 @@ def test_concurrent_requests_share_a_pass_and_score_as_alone(app, bundle, verdic
 
 
 def test_explain_draws_each_map_over_its_image(client, verdict_pngs):
-    import base64
-
     answer = client.post("/explain", content=verdict_pngs[1].read_bytes()).json()
     assert answer["in_distribution"] is False and answer["map"].startswith("data:image/png;base64,")
     picture = Image.open(io.BytesIO(base64.b64decode(answer["map"].split(",", 1)[1])))
