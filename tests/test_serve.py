@@ -432,7 +432,7 @@ def test_info_docs_and_the_openapi_schema(client, bundle):
 def test_concurrent_requests_share_a_pass_and_score_as_alone(app, bundle, verdict_pngs):
     import asyncio
 
-    import httpx
+    import httpx2
 
     bodies = [p.read_bytes() for p in verdict_pngs] * 6
     alone = [float(bundle.score(np.asarray(Image.open(p))[None])[0]) for p in verdict_pngs] * 6
@@ -440,8 +440,8 @@ def test_concurrent_requests_share_a_pass_and_score_as_alone(app, bundle, verdic
 
     async def main():
         before = batcher.batches
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://test") as c:
             replies = await asyncio.gather(*(c.post("/score", content=b) for b in bodies))
         return replies, batcher.batches - before
 
@@ -488,6 +488,28 @@ def test_chunked_bodies_are_capped_while_read(client, uploads):
     assert client.post("/score", content=chunks(good)).status_code == 200  # no Content-Length: chunked
     reply = client.post("/score", content=chunks(b"x" * 300_000))
     assert reply.status_code == 413 and "over 200000 bytes" in reply.json()["error"]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(app, monkeypatch):
+    import asyncio
+
+    import httpx2
+
+    import dgmood.app.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "BODY_TIMEOUT", 0.3)
+
+    async def slow():
+        yield b"\x89PNG"
+        await asyncio.sleep(5)
+        yield b"never"
+
+    async def main():
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.post("/score", content=slow(), headers={"Content-Length": "100"})
+
+    reply = asyncio.run(main())
+    assert reply.status_code == 408 and "did not arrive within 0.3 s" in reply.json()["error"]
 
 
 def test_a_full_queue_answers_503(bundle, uploads):

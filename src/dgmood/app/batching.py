@@ -118,7 +118,7 @@ class Batcher:
             elif self.arriving > 0 and deadline > self._loop.time():
                 try:
                     item = await asyncio.wait_for(self._queue.get(), deadline - self._loop.time())
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             else:
                 break

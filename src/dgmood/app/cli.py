@@ -578,7 +578,7 @@ def serve_cmd(run_dir, detector, host, port, max_bytes, threads, batch_size, bat
 
     POST one image as the raw body (curl --data-binary @img.png URL/score) or as the form field
     `file` (curl -F file=@img.png URL/score); the answer is JSON {"score", "in_distribution",
-    "threshold", "detector", "model_sha256"}. A batch (an .npy of N images, or several -F file=@...
+    "reasons", "threshold", "detector", "model_sha256"}. A batch (an .npy of N images, or several -F file=@...
     parts) gets {"scores": [...], "in_distribution": [...], "n", ...}. Bad uploads get a 4xx JSON
     {"error"}. Ctrl-C or SIGTERM stops it after the requests in flight.
     """

@@ -143,19 +143,23 @@ async def read_body(request, max_bytes: int) -> bytes:
     from starlette.requests import ClientDisconnect
 
     length, chunks, size = declared_length(request.headers, max_bytes), [], 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UploadError(413, f"the upload is over {max_bytes} bytes, the limit (--max-bytes)")
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise UploadError(413, f"the upload is over {max_bytes} bytes, the limit (--max-bytes)")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise UploadError(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s; send it again") from None
+        await asyncio.wait_for(receive(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise UploadError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s; send it again") from None
     except ClientDisconnect:
-        size = -1
+        raise UploadError(400, f"the connection closed after {size} bytes of the body; send it again") from None
     if length is not None and size != length:
-        raise UploadError(400, f"the body ended after {max(size, 0)} of {length} bytes; send it again")
+        raise UploadError(400, f"the body ended after {size} of {length} bytes; send it again")
     return b"".join(chunks)
 
 
