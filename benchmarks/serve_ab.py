@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                         best[(name, c)] = res
             finally:
                 stop(proc)
-    print("\n| server | concurrency | requests | failed | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| server | concurrency | requests | failed | requests/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for (name, c), res in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lat = res["latency_ms"]
         print(f"| {name} | {c} | {res['requests']} | {res['failed']} | {res['requests_per_s']:.1f} | "

@@ -60,11 +60,13 @@ def test_batches_stop_at_max_batch_and_a_lone_request_does_not_wait():
     assert batcher.score.calls[:3] == [4, 4, 2] and max(batcher.score.calls) <= 4
 
 
-def test_a_full_queue_refuses_and_an_error_reaches_every_request_of_its_batch():
+def test_a_full_queue_refuses_and_an_error_reaches_only_its_request():
     gate = threading.Event()
 
-    def failing(x):
-        raise RuntimeError("network pass failed")
+    def failing(x):  # fails on any batch holding an image of 2s
+        if (x == 2).any():
+            raise RuntimeError("network pass failed")
+        return [float(v) for v in x.reshape(len(x), -1)[:, 0]]
 
     async def main():
         batcher = Batcher(Recorder(gate), max_batch=8, max_wait_ms=1, max_queue=2)
@@ -80,11 +82,13 @@ def test_a_full_queue_refuses_and_an_error_reaches_every_request_of_its_batch():
             pass
         batcher.close()
         broken = Batcher(failing, max_wait_ms=20)
-        errors = await asyncio.gather(request(broken, images(1)), request(broken, images(2)), return_exceptions=True)
-        after = await asyncio.gather(request(broken, images(3)), return_exceptions=True)  # the worker goes on
+        mixed = await asyncio.gather(*(request(broken, images(v)) for v in (1, 2, 3)), return_exceptions=True)
+        after = await request(broken, images(4))  # the worker goes on
         broken.close()
-        return done, errors, after, batcher
+        return done, mixed, after, batcher, broken
 
-    done, errors, after, batcher = asyncio.run(main())
+    done, mixed, after, batcher, broken = asyncio.run(main())
     assert done == [[1.0], [2.0]] and batcher.admitted == 0 and batcher.arriving == 0
-    assert all(isinstance(e, RuntimeError) for e in errors + after)
+    # the batch of three failed; scored again one by one, only the request holding 2s gets the error
+    assert mixed[0] == [1.0] and isinstance(mixed[1], RuntimeError) and mixed[2] == [3.0] and after == [4.0]
+    assert broken.batches == 3  # the two that succeeded alone, then the lone fourth

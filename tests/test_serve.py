@@ -414,7 +414,7 @@ def test_info_docs_and_the_openapi_schema(client, bundle):
     info = client.get("/info").json()
     assert info == {"detector": "combined", "model_sha256": bundle.model_sha256, "image_size": [28, 28, 1],
                     "resize": "error", "threshold": bundle.threshold, "max_bytes": 200_000, "max_images": 1024,
-                    "batch_size": 32, "batch_wait_ms": 20.0}
+                    "batch_size": 32, "batch_wait_ms": 20.0, "max_queue": 64}
     schema = client.get("/openapi.json").json()
     score = schema["paths"]["/score"]["post"]
     assert {"image/png", "image/jpeg", "application/octet-stream", "multipart/form-data"} <= set(
@@ -468,8 +468,8 @@ def test_explain_draws_each_map_over_its_image(client, verdict_pngs):
 @pytest.mark.parametrize("content_type, body, message", [
     ("multipart/form-data", b"--zz\r\n\r\nx\r\n--zz--\r\n", "No boundary given"),
     ("multipart/form-data; boundary=zz", b"garbage", "malformed multipart form"),
-    ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--zz--\r\n",
-     "no file field"),
+    ("multipart/form-data; boundary=zz",
+     b"--zz\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--zz--\r\n", "no file field"),
     ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\""
      b"\r\n\r\n\r\n--zz--\r\n", "empty upload"),
     ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nnot png"

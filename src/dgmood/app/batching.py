@@ -3,7 +3,8 @@
 A request is admitted (or refused when the queue is full), then decoded off the event loop, then queued. One
 worker takes the first queued request, adds the others queued within ``max_wait_ms`` (waiting only while more
 admitted requests are still being received or decoded) up to ``max_batch`` images, and scores them all in one
-call on its own thread. Each image's score does not depend on the others in its batch
+call on its own thread (a batch that fails is scored again request by request, so only the request that
+fails gets the error). Each image's score does not depend on the others in its batch
 (docs/design.md, "Statistics are computed once"), so a batched answer equals the answer alone up to the float32
 rounding of a batched network pass (measured: 2e-6 relative on the combined detector's score).
 """
@@ -42,7 +43,7 @@ class Batcher:
     """
 
     def __init__(self, score: Callable[[np.ndarray], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 256):
+                 max_queue: int = 64):
         self.score, self.max_batch, self.max_wait_ms, self.max_queue = score, max_batch, max_wait_ms, max_queue
         self.admitted = self.arriving = 0
         self.batches = self.images = 0  # counters, for /info and tests
@@ -93,19 +94,29 @@ class Batcher:
         while True:
             batch = await self._gather()
             try:
-                results = await self._loop.run_in_executor(self._executor, self.score,
-                                                           np.concatenate([i.images for i in batch]))
-            except Exception as err:  # noqa: BLE001  (every waiting request learns of it; the worker goes on)
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(err)
-                continue
-            self.batches, self.images = self.batches + 1, self.images + len(results)
-            start = 0
-            for item in batch:
+                await self._score(batch)
+            except Exception:  # noqa: BLE001  (any error: the worker goes on)
+                await self._one_by_one(batch)
+
+    async def _one_by_one(self, batch: list[_Item]) -> None:
+        """Score a failed batch again request by request: only the request that fails gets the error."""
+        for item in batch:
+            try:
+                await self._score([item])
+            except Exception as err:  # noqa: BLE001  (its request learns of it)
                 if not item.done.done():
-                    item.done.set_result(results[start:start + len(item.images)])
-                start += len(item.images)
+                    item.done.set_exception(err)
+
+    async def _score(self, batch: list[_Item]) -> None:
+        """Score ``batch`` in one call on the worker thread and hand each request its results."""
+        results = await self._loop.run_in_executor(self._executor, self.score,
+                                                   np.concatenate([i.images for i in batch]))
+        self.batches, self.images = self.batches + 1, self.images + len(results)
+        start = 0
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result(results[start:start + len(item.images)])
+            start += len(item.images)
 
     async def _gather(self) -> list[_Item]:
         """The next batch: the first queued request, then others until it holds ``max_batch`` images, or

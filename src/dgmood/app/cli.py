@@ -569,10 +569,13 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
               help="Most images of concurrent requests scored together in one network pass.")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
               help="Longest wait, in milliseconds, for more requests to join a batch (only while some are arriving).")
+@click.option("--max-queue", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Most requests admitted at once (at most this many bodies in memory); more get 503.")
 @click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
 @click.option("--quiet", is_flag=True, help="No access log on stderr.")
 @_clean_errors
-def serve_cmd(run_dir, detector, host, port, max_bytes, threads, batch_size, batch_wait_ms, device, quiet):
+def serve_cmd(run_dir, detector, host, port, max_bytes, threads, batch_size, batch_wait_ms, max_queue, device,
+              quiet):
     """Serve a fitted detector over HTTP (an ASGI app under uvicorn): POST /score, GET / (a page to drop images
     on), GET /docs (OpenAPI), GET /info and GET /health.
 
@@ -587,7 +590,7 @@ def serve_cmd(run_dir, detector, host, port, max_bytes, threads, batch_size, bat
     _threads(threads)
     try:
         serve(run_dir, detector, host, port, max_bytes, device, log=not quiet, echo=click.echo,
-              batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+              batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
     except OSError as err:  # cannot listen (address in use, ...) or read the run
         raise click.ClickException(err.strerror or str(err)) from err
     # Clean stop done (requests finished, "stopped" printed). Skip interpreter teardown: torch's C++

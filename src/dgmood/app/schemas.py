@@ -64,6 +64,7 @@ class Info(BaseModel):
     max_images: int = Field(description="Most images in one request.")
     batch_size: int = Field(description="Most images scored together in one network pass.")
     batch_wait_ms: float = Field(description="Longest wait for more requests to join a batch.")
+    max_queue: int = Field(description="Most requests admitted at once; more get 503.")
 
 
 class ErrorBody(BaseModel):

@@ -20,13 +20,13 @@ Endpoints:
 Errors are JSON ``{"error": "..."}``: 400 not a PNG/JPEG/.npy, corrupt, truncated, empty or malformed;
 411 no Content-Length and not chunked; 413 body over ``max_bytes`` (from Content-Length before reading, else
 while reading); 408 body not received within :data:`BODY_TIMEOUT`; 422 a readable image the model cannot take;
-404, 405 (with ``Allow``); 503 when :data:`MAX_QUEUE` requests are already admitted. Requests that arrive
+404, 405 (with ``Allow``); 503 when ``max_queue`` requests are already admitted. Requests that arrive
 together are scored in one network pass (:mod:`dgmood.app.batching`); decoding runs on a thread pool.
 
 ``create_app(detector)`` builds the app (tests drive it in-process); ``uvicorn dgmood.app.serve:app --workers N``
 serves the detector folder or run named by ``DGMOOD_SERVE_RUN`` in each worker (and ``DGMOOD_SERVE_METHOD``,
-``DGMOOD_SERVE_DEVICE``, ``DGMOOD_SERVE_MAX_BYTES``, ``DGMOOD_SERVE_BATCH_SIZE``, ``DGMOOD_SERVE_BATCH_WAIT_MS``:
-the options of ``dgmood serve``).
+``DGMOOD_SERVE_DEVICE``, ``DGMOOD_SERVE_MAX_BYTES``, ``DGMOOD_SERVE_BATCH_SIZE``, ``DGMOOD_SERVE_BATCH_WAIT_MS``,
+``DGMOOD_SERVE_MAX_QUEUE``: the options of ``dgmood serve``).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ from dgmood.data.datasets import DataError
 
 __all__ = ["BODY_TIMEOUT", "MAX_QUEUE", "UploadError", "create_app", "decode_upload", "resize_policy", "serve"]
 
-MAX_QUEUE = 256
-"""Requests admitted at once (being received, decoded, queued or scored); more get 503."""
+MAX_QUEUE = 64
+"""Default for the requests admitted at once (being received, decoded, queued or scored); more get 503. At most
+this many bodies of up to ``max_bytes`` each are held in memory."""
 
 BODY_TIMEOUT = 30.0
 """Seconds a client may take to send its whole body."""
@@ -71,7 +72,8 @@ def info(detector, max_bytes: int, batcher: Batcher) -> dict:
     c, h, w = detector.image_shape
     return {"detector": detector.method, "model_sha256": detector.model_sha256, "image_size": [h, w, c],
             "resize": resize_policy(detector), "threshold": detector.threshold, "max_bytes": max_bytes,
-            "max_images": MAX_BATCH, "batch_size": batcher.max_batch, "batch_wait_ms": batcher.max_wait_ms}
+            "max_images": MAX_BATCH, "batch_size": batcher.max_batch, "batch_wait_ms": batcher.max_wait_ms,
+            "max_queue": batcher.max_queue}
 
 
 # ----------------------------------------------------------------------------- answers
@@ -320,7 +322,8 @@ def __getattr__(name: str):
     if _APP is None:
         env = os.environ.get
         _APP = create_app(_detector_from_env(), int(env("DGMOOD_SERVE_MAX_BYTES", 2_000_000)),
-                          int(env("DGMOOD_SERVE_BATCH_SIZE", 32)), float(env("DGMOOD_SERVE_BATCH_WAIT_MS", 5.0)))
+                          int(env("DGMOOD_SERVE_BATCH_SIZE", 32)), float(env("DGMOOD_SERVE_BATCH_WAIT_MS", 5.0)),
+                          int(env("DGMOOD_SERVE_MAX_QUEUE", MAX_QUEUE)))
     return _APP
 
 
@@ -366,7 +369,7 @@ def _json_400_protocol():
 
 def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: int = 8765,
           max_bytes: int = 2_000_000, device: str = "cpu", log: bool = True, echo=None, batch_size: int = 32,
-          batch_wait_ms: float = 5.0) -> None:
+          batch_wait_ms: float = 5.0, max_queue: int = MAX_QUEUE) -> None:
     """Load the saved detector of ``run_dir`` (a run, or a detector folder) and serve it with uvicorn until
     SIGINT/SIGTERM, which stop accepting, let requests in flight finish, then return.
     ``detector``: the method's name (default: the run's); the other arguments as :func:`create_app`'s."""
@@ -377,7 +380,7 @@ def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: i
     echo = echo or (lambda line: print(line, flush=True))
     det = warm(load(run_dir, detector, device))
     sock = _listen(host, port)
-    app = create_app(det, max_bytes, batch_size, batch_wait_ms)
+    app = create_app(det, max_bytes, batch_size, batch_wait_ms, max_queue)
     config = uvicorn.Config(app, http=_json_400_protocol(), lifespan="on", log_level="info" if log else "warning",
                             access_log=log, timeout_graceful_shutdown=2 * BODY_TIMEOUT, server_header=False)
     address, bound = sock.getsockname()[:2]
