@@ -179,8 +179,6 @@ def create_app(detector, max_bytes: int = 2_000_000, batch_size: int = 32, batch
         batch_wait_ms: Longest wait, in milliseconds, for more requests to join a batch.
         max_queue: Requests admitted at once; more get 503.
     """
-    from dgmood.app import schemas
-
     batcher = Batcher(lambda x: verdicts(detector, x), batch_size, batch_wait_ms, max_queue)
     logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a client's malformed form is not our warning
 
@@ -194,13 +192,22 @@ def create_app(detector, max_bytes: int = 2_000_000, batch_size: int = 32, batch
                               "higher = more in-distribution; errors are JSON {\"error\": \"...\"}.")
     app.state.detector, app.state.batcher = detector, batcher
     _add_error_handlers(app)
+    _add_routes(app, detector, batcher, max_bytes)
     _add_docs(app)
+    return app
+
+
+def _add_routes(app, detector, batcher: Batcher, max_bytes: int) -> None:
+    """``POST /score``, ``POST /explain``, ``GET /health``, ``GET /info`` and the page at ``GET /``."""
+    from dgmood.app import schemas
+
     errors = {code: {"model": schemas.ErrorBody, "description": text} for code, text in [
         (400, "Not a PNG, JPEG or .npy file; corrupt, truncated, empty or malformed."),
         (408, "The body did not arrive in time."), (411, "No Content-Length (and not chunked)."),
         (413, "The body is over the size limit."), (422, "An image the model cannot take (size, channels, values)."),
         (503, "The queue is full; retry shortly.")]}
     upload = {"requestBody": schemas.body_schema()}
+    page_html = resources.files("dgmood.app").joinpath("page.html").read_text(encoding="utf-8")
 
     async def images_of(request: Request) -> np.ndarray:
         body = await read_body(request, max_bytes)
@@ -229,9 +236,7 @@ def create_app(detector, max_bytes: int = 2_000_000, batch_size: int = 32, batch
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse(resources.files("dgmood.app").joinpath("page.html").read_text(encoding="utf-8"))
-
-    return app
+        return HTMLResponse(page_html)
 
 
 def _json(status: int, obj: dict, headers: dict | None = None):
