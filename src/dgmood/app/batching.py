@@ -46,7 +46,7 @@ class Batcher:
                  max_queue: int = 64):
         self.score, self.max_batch, self.max_wait_ms, self.max_queue = score, max_batch, max_wait_ms, max_queue
         self.admitted = self.arriving = 0
-        self.batches = self.images = 0  # counters, for /info and tests
+        self.batches = self.images = 0  # calls made and images scored, for monitoring and tests
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dgmood-score")
         self._loop = self._queue = self._worker = None
 
@@ -79,7 +79,7 @@ class Batcher:
             self.arriving -= 0 if submitted else 1
 
     def close(self) -> None:
-        """Stop the worker and its thread (requests still queued get an error)."""
+        """Stop the worker and its thread, once no request is in flight (the server's shutdown waits for them)."""
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
