@@ -334,12 +334,16 @@ def __getattr__(name: str):
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket; ``port`` 0 picks a free one. Raises OSError with a one-line message."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=512)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
     except (OSError, OverflowError) as err:  # address in use, permission denied, unknown host
+        sock.close()
         raise OSError(getattr(err, "errno", None), f"cannot listen on {host}:{port} "
                       f"({getattr(err, 'strerror', None) or err}); pick another --port or --host") from err
+    return sock
 
 
 def _json_400_protocol():
@@ -393,7 +397,7 @@ def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: i
         echo(f"warning: listening on {address}, not loopback; the server has no authentication or TLS, "
              "put it behind a proxy")
     c, h, w = det.image_shape
-    echo(f"dgmood serve: http://{address}:{bound} (detector {det.method}, threshold {det.threshold:.4g}, "
+    echo(f"dgmood serve: http://{f'[{address}]' if ':' in address else address}:{bound} (detector {det.method}, threshold {det.threshold:.4g}, "
          f"image {h}x{w}x{c}, model {det.model_sha256[:12]}, batches of up to {batch_size} within "
          f"{batch_wait_ms:g} ms); POST /score, GET /health, GET / for the page; Ctrl-C to stop")
     main = threading.current_thread() is threading.main_thread()
