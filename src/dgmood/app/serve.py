@@ -13,7 +13,8 @@ Endpoints:
   200 → one image: ``{"score", "in_distribution", "reasons", "threshold", "detector", "model_sha256"}``;
   a batch of N: ``{"scores": [...], "in_distribution": [...], "reasons": [...], "n", "threshold", "detector",
   "model_sha256"}`` (:mod:`dgmood.app.schemas`).
-- ``POST /explain``: the same, plus each image's anomaly map drawn over it (``map`` / ``maps``: PNG data URIs).
+- ``POST /explain``: the same, plus each image's anomaly map drawn over it (``map`` / ``maps``: PNG data URIs);
+  batched like ``/score`` but apart from it (maps cost more passes), with its own queue of ``max_queue``.
 - ``GET /`` a page to drop images on; ``GET /health`` → ``{"status": "ok"}``; ``GET /info``; ``GET /docs`` and
   ``GET /openapi.json``.
 
@@ -180,25 +181,28 @@ def create_app(detector, max_bytes: int = 2_000_000, batch_size: int = 32, batch
         max_queue: Requests admitted at once; more get 503.
     """
     batcher = Batcher(lambda x: verdicts(detector, x), batch_size, batch_wait_ms, max_queue)
+    explainer = Batcher(lambda x: verdicts(detector, x, maps=True), batch_size, batch_wait_ms, max_queue)
     logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a client's malformed form is not our warning
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.close()
+        explainer.close()
 
     app = FastAPI(title="dgmood serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Out-of-distribution scores of images from a fitted dgmood detector. Scores are "
                               "higher = more in-distribution; errors are JSON {\"error\": \"...\"}.")
-    app.state.detector, app.state.batcher = detector, batcher
+    app.state.detector, app.state.batcher, app.state.explainer = detector, batcher, explainer
     _add_error_handlers(app)
-    _add_routes(app, detector, batcher, max_bytes)
+    _add_routes(app, detector, batcher, explainer, max_bytes)
     _add_docs(app)
     return app
 
 
-def _add_routes(app, detector, batcher: Batcher, max_bytes: int) -> None:
-    """``POST /score``, ``POST /explain``, ``GET /health``, ``GET /info`` and the page at ``GET /``."""
+def _add_routes(app, detector, batcher: Batcher, explainer: Batcher, max_bytes: int) -> None:
+    """``POST /score`` (batched by ``batcher``), ``POST /explain`` (batched by ``explainer``), ``GET /health``,
+    ``GET /info`` and the page at ``GET /``."""
     from dgmood.app import schemas
 
     errors = {code: {"model": schemas.ErrorBody, "description": text} for code, text in [
@@ -222,9 +226,8 @@ def _add_routes(app, detector, batcher: Batcher, max_bytes: int) -> None:
     @app.post("/explain", response_model=schemas.Explanation | schemas.BatchExplanation, responses=errors,
               openapi_extra=upload, summary="Score images and draw their anomaly maps")
     async def explain(request: Request):
-        with batcher.admit():
-            x = await images_of(request)
-            return _json(200, answer(detector, await asyncio.to_thread(verdicts, detector, x, True)))
+        with explainer.admit() as submit:
+            return _json(200, answer(detector, await submit(await images_of(request))))
 
     @app.get("/health", response_model=schemas.Health, summary="Liveness probe")
     async def health():
