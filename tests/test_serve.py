@@ -1,5 +1,6 @@
 """Online scoring: dgmood.load on a run directory, and `dgmood serve` over loopback HTTP in a subprocess."""
 
+import base64
 import http.client
 import io
 import json
@@ -10,11 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import schemathesis
 from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 import dgmood
@@ -187,13 +191,13 @@ def server(run_dir, tmp_path_factory):
 
 
 def request(url, method="GET", path="/health", body=None, headers=None):
-    """(status, JSON body, headers) of one request over loopback."""
+    """(status, JSON body, headers) of one request over loopback (headers looked up case-insensitively)."""
     host_port = url.split("//")[1]
     conn = http.client.HTTPConnection(host_port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null"), dict(response.getheaders())
+        return response.status, json.loads(response.read() or b"null"), response.headers  # case-insensitive
     finally:
         conn.close()
 
@@ -297,6 +301,104 @@ def test_load_test_from_a_second_process(server, uploads):
     assert proc.poll() is None
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def verdict_pngs(tmp_path_factory, bundle, data_dir):
+    """(in-distribution PNG, OOD PNG): the best-scoring of 20 training images and uniform noise."""
+    folder = tmp_path_factory.mktemp("page")
+    train = datasets.read_idx(datasets.dataset_file("fashion-mnist", "train", data_dir=data_dir))[:20]
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    best = train[int(np.argmax(bundle.score(train)))]
+    assert bundle.predict(best[None])[0] == 1 and bundle.predict(noise[None])[0] == -1
+    paths = folder / "in.png", folder / "ood.png"
+    Image.fromarray(best).save(paths[0])
+    Image.fromarray(noise).save(paths[1])
+    return paths
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium); "
+                                              ".ci/run installs it")
+def test_the_page_scores_dropped_images_in_chromium(server, verdict_pngs):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) not installed")
+    url, proc = server
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            outside = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((url, "blob:", "data:")) else 0)
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('about').textContent.includes('combined')")
+            page.set_input_files("#files", [str(verdict_pngs[0])])  # chosen ...
+            page.evaluate("""([name, b64]) => {  // ... and dropped
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0)), dt = new DataTransfer();
+                dt.items.add(new File([bytes], name, {type: "image/png"}));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt}));
+            }""", ["ood.png", base64.b64encode(verdict_pngs[1].read_bytes()).decode()])
+            page.wait_for_selector("#results[data-done='2']", timeout=60_000)
+            cards = page.eval_on_selector_all("#results .card", """cards => cards.map(c => ({
+                name: c.querySelector('.name').textContent, state: c.dataset.state, verdict: c.dataset.verdict,
+                score: c.querySelector('.score').textContent,
+                maps: [...c.querySelectorAll('img.map')].map(i => i.complete && i.naturalWidth),
+                uploads: [...c.querySelectorAll('img.upload')].map(i => i.complete && i.naturalWidth)}))""")
+        finally:
+            browser.close()
+    verdicts = {c["name"]: c for c in cards}
+    assert verdicts["in.png"]["verdict"] == "in-distribution" and verdicts["ood.png"]["verdict"] == "ood", cards
+    for card in cards:
+        assert card["state"] == "done" and card["score"].startswith("score ")
+        assert card["maps"] == [28] and card["uploads"] == [28], card  # both pictures decoded and drawn
+    assert outside == []  # no external assets
+    assert proc.poll() is None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_uvicorn_workers_serve_the_run_named_in_the_environment(run_dir, uploads, tmp_path):
+    port = free_port()
+    env = dict(ENV, DGMOOD_SERVE_RUN=str(run_dir), DGMOOD_SERVE_MAX_BYTES="100000")
+    log = open(tmp_path / "uvicorn.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "dgmood.app.serve:app", "--workers", "2",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # both workers load the detector: up to a minute on two busy cores
+            try:
+                if request(url)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.25)
+        status, answer, _ = request(url, "POST", "/score", (uploads / "good.png").read_bytes())
+        assert status == 200 and answer["detector"] == "combined", answer
+        assert request(url, "GET", "/info")[1]["max_bytes"] == 100_000
+        assert request(url, "POST", "/score", b"x" * 100_001)[0] == 413
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "Traceback" not in text, text
+
+
+def test_the_app_without_a_run_says_what_to_set(monkeypatch):
+    import dgmood.app.serve as serve_module
+
+    monkeypatch.delenv("DGMOOD_SERVE_RUN", raising=False)
+    monkeypatch.setattr(serve_module, "_APP", None)
+    with pytest.raises(RuntimeError, match="set DGMOOD_SERVE_RUN"):
+        serve_module.app
+
+
 def test_sigint_stops_the_server_cleanly(server):
     """Last test of the module: it stops the shared server."""
     url, proc = server
@@ -304,3 +406,161 @@ def test_sigint_stops_the_server_cleanly(server):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopped" in proc.stdout.read()
+
+
+# ----------------------------------------------------------------------------- the ASGI app, in-process
+
+
+@pytest.fixture(scope="module")
+def app(bundle):
+    from dgmood.app.serve import create_app
+
+    return create_app(bundle, max_bytes=200_000, batch_size=32, batch_wait_ms=20)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
+
+
+def test_info_docs_and_the_openapi_schema(client, bundle):
+    info = client.get("/info").json()
+    assert info == {"detector": "combined", "model_sha256": bundle.model_sha256, "image_size": [28, 28, 1],
+                    "resize": "error", "threshold": bundle.threshold, "max_bytes": 200_000, "max_images": 1024,
+                    "batch_size": 32, "batch_wait_ms": 20.0, "max_queue": 64}
+    schema = client.get("/openapi.json").json()
+    score = schema["paths"]["/score"]["post"]
+    assert {"image/png", "image/jpeg", "application/octet-stream", "multipart/form-data"} <= set(
+        score["requestBody"]["content"])
+    assert {"200", "400", "411", "413", "422", "503"} <= set(score["responses"])
+    assert {"Score", "BatchScore", "ErrorBody", "Info"} <= set(schema["components"]["schemas"])
+    assert set(schema["components"]["schemas"]["Score"]["properties"]) == {
+        "score", "in_distribution", "reasons", "threshold", "detector", "model_sha256"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    page = client.get("/")
+    assert page.status_code == 200 and "http://" not in page.text and "https://" not in page.text
+
+
+def test_concurrent_requests_share_a_pass_and_score_as_alone(app, bundle, verdict_pngs):
+    import asyncio
+
+    import httpx2
+
+    bodies = [p.read_bytes() for p in verdict_pngs] * 6
+    alone = [float(bundle.score(np.asarray(Image.open(p))[None])[0]) for p in verdict_pngs] * 6
+    batcher = app.state.batcher
+
+    async def main():
+        before = batcher.batches
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://test") as c:
+            replies = await asyncio.gather(*(c.post("/score", content=b) for b in bodies))
+        return replies, batcher.batches - before
+
+    replies, batches = asyncio.run(main())
+    assert [r.status_code for r in replies] == [200] * len(bodies)
+    # the same scores up to float32 rounding of batched network passes (measured: 2e-6 relative)
+    np.testing.assert_allclose([r.json()["score"] for r in replies], alone, rtol=1e-4)
+    assert [r.json()["in_distribution"] for r in replies] == [True, False] * 6
+    assert batches < len(bodies) / 2, batches  # 12 requests in a few passes
+
+
+def test_explain_draws_each_map_over_its_image(client, verdict_pngs):
+    answer = client.post("/explain", content=verdict_pngs[1].read_bytes()).json()
+    assert answer["in_distribution"] is False and answer["map"].startswith("data:image/png;base64,")
+    picture = Image.open(io.BytesIO(base64.b64decode(answer["map"].split(",", 1)[1])))
+    assert picture.size == (28, 28) and picture.mode == "RGB"
+    two = np.stack([np.asarray(Image.open(p)) for p in verdict_pngs])
+    buf = io.BytesIO()
+    np.save(buf, two)
+    batch = client.post("/explain", content=buf.getvalue()).json()
+    assert batch["n"] == 2 and len(batch["maps"]) == 2 and batch["in_distribution"] == [True, False]
+
+
+@pytest.mark.parametrize("content_type, body, message", [
+    ("multipart/form-data", b"--zz\r\n\r\nx\r\n--zz--\r\n", "No boundary given"),
+    ("multipart/form-data; boundary=zz", b"garbage", "malformed multipart form"),
+    ("multipart/form-data; boundary=zz",
+     b"--zz\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--zz--\r\n", "no file field"),
+    ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\""
+     b"\r\n\r\n\r\n--zz--\r\n", "empty upload"),
+    ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nnot png"
+     b"\r\n--zz--\r\n", "not a PNG or JPEG"),
+])
+def test_multipart_edge_cases_get_json_400(client, content_type, body, message):
+    reply = client.post("/score", content=body, headers={"Content-Type": content_type})
+    assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+
+
+def test_chunked_bodies_are_capped_while_read(client, uploads):
+    def chunks(blob, size=4096):
+        yield from (blob[i:i + size] for i in range(0, len(blob), size))
+
+    good = (uploads / "good.png").read_bytes()
+    assert client.post("/score", content=chunks(good)).status_code == 200  # no Content-Length: chunked
+    reply = client.post("/score", content=chunks(b"x" * 300_000))
+    assert reply.status_code == 413 and "over 200000 bytes" in reply.json()["error"]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(app, monkeypatch):
+    import asyncio
+
+    import httpx2
+
+    import dgmood.app.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "BODY_TIMEOUT", 0.3)
+
+    async def slow():
+        yield b"\x89PNG"
+        await asyncio.sleep(5)
+        yield b"never"
+
+    async def main():
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.post("/score", content=slow(), headers={"Content-Length": "100"})
+
+    reply = asyncio.run(main())
+    assert reply.status_code == 408 and "did not arrive within 0.3 s" in reply.json()["error"]
+
+
+def test_a_full_queue_answers_503(bundle, uploads):
+    from starlette.testclient import TestClient
+
+    from dgmood.app.serve import create_app
+
+    with TestClient(create_app(bundle, max_queue=0)) as c:
+        reply = c.post("/score", content=(uploads / "good.png").read_bytes())
+    assert reply.status_code == 503 and reply.headers["Retry-After"] == "1" and "busy" in reply.json()["error"]
+
+
+def errors_are_json(ctx, response, case):
+    """Every 4xx/5xx is JSON {"error": one line}."""
+    if response.status_code >= 400:
+        assert response.headers["content-type"][0].startswith("application/json"), response.headers
+        error = response.json()["error"]
+        assert isinstance(error, str) and error and "\n" not in error and "Traceback" not in error
+
+
+def test_fuzzed_requests_get_no_5xx_and_json_errors(app):
+    """schemathesis on the app's own OpenAPI schema, in-process: each operation, 25 generated requests (positive
+    and negative), every default check (no 5xx, status codes, content types and bodies as documented) but
+    positive_data_acceptance: a schema-valid body is any bytes, and a 1x1 PNG rightly gets 422."""
+    from hypothesis import given
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{o.method.upper()} {o.path}" for o in operations} == {
+        "POST /score", "POST /explain", "GET /health", "GET /info"}
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case):
+            case.call_and_validate(additional_checks=[errors_are_json], excluded_checks=[positive_data_acceptance])
+
+        fuzz()

@@ -601,16 +601,24 @@ def predict_cmd(run_dir, images, out, method, maps_dir, data_dir, device, thread
 @click.option("--max-bytes", type=click.IntRange(1), default=2_000_000,
               help="Largest upload accepted; bigger ones get 413 from their Content-Length.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1,
-              help="CPU threads of torch's network pass (passes run one at a time; HTTP uses a thread per connection).")
+              help="CPU threads of torch's network pass (one batched pass at a time).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Most images of concurrent requests scored together in one network pass.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
+              help="Longest wait, in milliseconds, for more requests to join a batch (only while some are arriving).")
+@click.option("--max-queue", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Most requests admitted at once (at most this many bodies in memory); more get 503.")
 @click.option("--device", default="cpu", help="Torch device for network passes: cpu, cuda, cuda:N or auto.")
 @click.option("--quiet", is_flag=True, help="No access log on stderr.")
 @_clean_errors
-def serve_cmd(run_dir, detector, host, port, max_bytes, threads, device, quiet):
-    """Serve a fitted detector over HTTP: POST /score (images) and GET /health.
+def serve_cmd(run_dir, detector, host, port, max_bytes, threads, batch_size, batch_wait_ms, max_queue, device,
+              quiet):
+    """Serve a fitted detector over HTTP (an ASGI app under uvicorn): POST /score, GET / (a page to drop images
+    on), GET /docs (OpenAPI), GET /info and GET /health.
 
     POST one image as the raw body (curl --data-binary @img.png URL/score) or as the form field
     `file` (curl -F file=@img.png URL/score); the answer is JSON {"score", "in_distribution",
-    "threshold", "detector", "model_sha256"}. A batch (an .npy of N images, or several -F file=@...
+    "reasons", "threshold", "detector", "model_sha256"}. A batch (an .npy of N images, or several -F file=@...
     parts) gets {"scores": [...], "in_distribution": [...], "n", ...}. Bad uploads get a 4xx JSON
     {"error"}. Ctrl-C or SIGTERM stops it after the requests in flight.
     """
@@ -618,7 +626,8 @@ def serve_cmd(run_dir, detector, host, port, max_bytes, threads, device, quiet):
 
     _threads(threads)
     try:
-        serve(run_dir, detector, host, port, max_bytes, device, log=not quiet, echo=click.echo)
+        serve(run_dir, detector, host, port, max_bytes, device, log=not quiet, echo=click.echo,
+              batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
     except OSError as err:  # cannot listen (address in use, ...) or read the run
         raise click.ClickException(err.strerror or str(err)) from err
     # Clean stop done (requests finished, "stopped" printed). Skip interpreter teardown: torch's C++

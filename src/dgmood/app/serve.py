@@ -1,4 +1,4 @@
-"""Online scoring over HTTP: ``dgmood serve --run RUN`` (stdlib ``http.server``, no extra dependency).
+"""Online scoring over HTTP: an ASGI app (FastAPI) served by uvicorn, ``dgmood serve --run RUN``.
 
 Endpoints:
 
@@ -9,423 +9,406 @@ Endpoints:
 
       curl --data-binary @img.png http://127.0.0.1:8765/score
       curl -F file=@a.png -F file=@b.png http://127.0.0.1:8765/score
-      curl --data-binary @batch.npy http://127.0.0.1:8765/score
 
-  200 → one image: ``{"score": float, "in_distribution": bool, "reasons": str, "threshold": float,
-  "detector": str, "model_sha256": str}``; a batch of N: ``{"scores": [...], "in_distribution": [...],
-  "reasons": [...], "n": N, "threshold", "detector", "model_sha256"}`` (score higher = more in-distribution;
-  in_distribution is score >= threshold; a non-finite score is sent as null and counts as OOD; reasons names
-  the statistics furthest from training, e.g. ``"knn +6.2σ; complexity -4.1σ"``, or is empty).
-  ``detector`` is the method's name.
-- ``GET /health`` → ``{"status": "ok"}``.
+  200 → one image: ``{"score", "in_distribution", "reasons", "threshold", "detector", "model_sha256"}``;
+  a batch of N: ``{"scores": [...], "in_distribution": [...], "reasons": [...], "n", "threshold", "detector",
+  "model_sha256"}`` (:mod:`dgmood.app.schemas`).
+- ``POST /explain``: the same, plus each image's anomaly map drawn over it (``map`` / ``maps``: PNG data URIs);
+  batched like ``/score`` but apart from it (maps cost more passes), with its own queue of ``max_queue``.
+- ``GET /`` a page to drop images on; ``GET /health`` → ``{"status": "ok"}``; ``GET /info``; ``GET /docs`` and
+  ``GET /openapi.json``.
 
-Errors are JSON ``{"error": "..."}``: 400 not a PNG/JPEG/.npy, corrupt, truncated or empty body;
-411 no Content-Length (chunked uploads are refused); 413 body over ``--max-bytes`` (refused from
-Content-Length before reading); 422 a readable image the model cannot take (wrong size or
-channels, message naming the expected HxWxC; NaN/inf or out-of-range values; more than ``MAX_BATCH`` images);
-404 unknown path; 405 wrong method (with ``Allow``); 408 body not received in time; 503 more than
-``MAX_CONNECTIONS`` connections open. Network passes run one at a time under the detector's lock;
-decoding and validation run in parallel in one thread per connection. SIGINT/SIGTERM stop
-accepting, let requests in flight finish, then exit with status 0.
+Errors are JSON ``{"error": "..."}``: 400 not a PNG/JPEG/.npy, corrupt, truncated, empty or malformed;
+411 no Content-Length and not chunked; 413 body over ``max_bytes`` (from Content-Length before reading, else
+while reading); 408 body not received within :data:`BODY_TIMEOUT`; 422 a readable image the model cannot take;
+404, 405 (with ``Allow``); 503 when ``max_queue`` requests are already admitted. Requests that arrive
+together are scored in one network pass (:mod:`dgmood.app.batching`); decoding runs on a thread pool.
+
+``create_app(detector)`` builds the app (tests drive it in-process); ``uvicorn dgmood.app.serve:app --workers N``
+serves the detector folder or run named by ``DGMOOD_SERVE_RUN`` in each worker (and ``DGMOOD_SERVE_METHOD``,
+``DGMOOD_SERVE_DEVICE``, ``DGMOOD_SERVE_MAX_BYTES``, ``DGMOOD_SERVE_BATCH_SIZE``, ``DGMOOD_SERVE_BATCH_WAIT_MS``,
+``DGMOOD_SERVE_MAX_QUEUE``: the options of ``dgmood serve``).
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
+import contextlib
 import json
+import logging
 import math
+import os
 import signal
-import sys
+import socket
 import threading
-import time
-import traceback
-from email import policy
-from email.errors import MessageError
-from email.parser import BytesParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from importlib import resources
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 
-from dgmood.data.datasets import PIL_MODES, DataError, check_model_shape
+from dgmood.app.batching import Batcher, QueueFull
+from dgmood.app.uploads import MAX_BATCH, UploadError, decode_upload
+from dgmood.data.datasets import DataError
 
-__all__ = ["MAX_CONNECTIONS", "ScoreServer", "UploadError", "decode_upload", "make_server", "serve"]
+__all__ = ["BODY_TIMEOUT", "MAX_QUEUE", "UploadError", "create_app", "decode_upload", "resize_policy", "serve"]
 
-MAX_CONNECTIONS = 32
-"""Connections handled at once; more are answered 503 straight away."""
+MAX_QUEUE = 64
+"""Default for the requests admitted at once (being received, decoded, queued or scored); more get 503. At most
+this many bodies of up to ``max_bytes`` each are held in memory."""
 
-MAX_BATCH = 1024
-"""Most images in one request."""
+BODY_TIMEOUT = 30.0
+"""Seconds a client may take to send its whole body."""
 
-READ_TIMEOUT = 15.0
-"""Seconds a client may stay silent while sending its request, and at most twice that for the body."""
-
-ROUTES = {"/score": "POST", "/health": "GET"}
-_NPY_MAGIC = b"\x93NUMPY"
-_DRAIN_FACTOR = 8  # an oversized body up to this × max_bytes is read and discarded so the client sees the 413
-
-
-class UploadError(Exception):
-    """A request the server refuses: HTTP status and a one-line message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+ENDPOINTS = "POST /score, POST /explain, GET /health, GET /info, GET /docs or GET / (the page)"
 
 
-# ----------------------------------------------------------------------------- decoding
+def resize_policy(detector) -> str:
+    """What the detector does with an image of another size ('error': refused with 422)."""
+    return str(getattr(detector, "resize", "error"))
 
 
-def _multipart_files(body: bytes, content_type: str) -> list[bytes]:
-    """The bytes of every ``file`` field (else every part with a filename) of a multipart form, in order."""
-    try:
-        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-        message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-        parts = list(message.iter_parts()) if message.is_multipart() else []
-        chosen = [p for p in parts if p.get_param("name", header="content-disposition") == "file"]
-        chosen = chosen or [p for p in parts if p.get_filename()]
-        payloads = [p.get_payload(decode=True) for p in chosen]
-    except (ValueError, TypeError, LookupError, UnicodeError, MessageError) as err:
-        raise UploadError(400, f"malformed multipart form ({err}); send -F file=@image.png or the raw file") from None
-    if not payloads or not all(isinstance(b, bytes) for b in payloads):
-        raise UploadError(400, "the multipart form has no file field; send the image as -F file=@image.png")
-    return payloads
+def info(detector, max_bytes: int, batcher: Batcher) -> dict:
+    """``GET /info``: what is being served (:class:`dgmood.app.schemas.Info`)."""
+    c, h, w = detector.image_shape
+    return {"detector": detector.method, "model_sha256": detector.model_sha256, "image_size": [h, w, c],
+            "resize": resize_policy(detector), "threshold": detector.threshold, "max_bytes": max_bytes,
+            "max_images": MAX_BATCH, "batch_size": batcher.max_batch, "batch_wait_ms": batcher.max_wait_ms,
+            "max_queue": batcher.max_queue}
 
 
-def _decode_npy(body: bytes) -> np.ndarray:
-    """The array of a ``.npy`` body, its header checked against the body size before anything is allocated."""
-    f = io.BytesIO(body)
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
-        raise UploadError(400, f"the .npy upload is corrupt ({err}); save the image with numpy.save") from None
-    if dtype.hasobject:
-        raise UploadError(400, "the .npy upload holds Python objects; send a numeric array (uint8 or float)")
-    expected, found = math.prod(shape) * dtype.itemsize, len(body) - f.tell()
-    if expected != found:
-        raise UploadError(400, f"the .npy upload is truncated or corrupt: its header says {shape} {dtype} = "
-                               f"{expected} bytes of data but it has {found}; save it again with numpy.save")
-    try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError, MemoryError) as err:
-        raise UploadError(400, f"the .npy upload cannot be read ({err}); save it with numpy.save") from None
+# ----------------------------------------------------------------------------- answers
 
 
-def _decode_image(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """(H, W) or (H, W, 3) uint8 from a PNG/JPEG body; size and channels checked from the header first."""
+def verdicts(detector, x: np.ndarray, maps: bool = False) -> list[dict]:
+    """Per image of ``x`` (N, C, H, W): score (None when not finite), in_distribution, reasons (and map)."""
+    e = detector.explain(x, maps=maps)
+    out = []
+    for i, s in enumerate(float(s) for s in e.scores):
+        finite = math.isfinite(s)
+        out.append({"score": s if finite else None, "in_distribution": finite and s >= detector.threshold,
+                    "reasons": e.reasons[i]})
+        if maps:
+            out[-1]["map"] = None if e.maps is None else _map_uri(detector, x[i], e.maps[i])
+    return out
+
+
+def _map_uri(detector, image: np.ndarray, amap: np.ndarray) -> str:
     from PIL import Image
 
+    from dgmood.evaluation.tiles import overlay, png_bytes, png_data_uri
+    from dgmood.methods.explain import map_scale
+
+    return png_data_uri(png_bytes(Image.fromarray(overlay(image, amap, map_scale(detector)))))
+
+
+def answer(detector, results: list[dict]) -> dict:
+    """The JSON of ``POST /score`` (and ``/explain``) from per-image :func:`verdicts`."""
+    common = {"threshold": detector.threshold, "detector": detector.method, "model_sha256": detector.model_sha256}
+    if len(results) == 1:
+        return {**results[0], **common}
+    out = {"scores": [r["score"] for r in results], "in_distribution": [r["in_distribution"] for r in results],
+           "reasons": [r["reasons"] for r in results], "n": len(results), **common}
+    if "map" in results[0]:
+        out["maps"] = [r["map"] for r in results]
+    return out
+
+
+def prepared(detector, body: bytes, content_type: str) -> np.ndarray:
+    """The request's images validated for the model: float32 (N, C, H, W) in [0, 1]; raises :class:`UploadError`."""
+    images = decode_upload(body, content_type, detector.image_shape)
     try:
-        im = Image.open(io.BytesIO(body), formats=["PNG", "JPEG"])
-    except Image.DecompressionBombError as err:
-        raise UploadError(413, f"the image is too large once decoded ({err})") from None
-    except (OSError, SyntaxError, ValueError, TypeError):
-        raise UploadError(400, "the upload is not a PNG or JPEG image or a .npy array; send one image file") from None
-    with im:
-        mode = PIL_MODES.get(im.mode)
-        if mode is None:
-            raise UploadError(422, f"the image has mode {im.mode}; save it as 8-bit greyscale (L) or RGB")
-        width, height = im.size
-        try:  # header only: nothing of the wrong size is decoded
-            check_model_shape(np.broadcast_to(np.uint8(0), (1, 1 if mode == "L" else 3, height, width)), shape,
-                               "upload")
-        except DataError as err:
-            raise UploadError(422, str(err)) from None
-        try:
-            im.load()
-            return np.asarray(im if im.mode == mode else im.convert(mode))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise UploadError(400, f"the image is truncated or corrupt ({err}); send it again") from None
+        return detector.prepare(images, "upload")  # dgmood.data's rules: dtype, shape, size, NaN/inf, range
+    except DataError as err:
+        raise UploadError(422, str(err)) from None
 
 
-def _decode_one(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """One uploaded file as an array of images (N, ...); N > 1 only for an .npy batch."""
-    if not body:
-        raise UploadError(400, "empty upload; send one PNG/JPEG image or .npy array as the body")
-    if not body.startswith(_NPY_MAGIC):
-        return _decode_image(body, shape)[None]
-    arr = _decode_npy(body)
-    if arr.ndim == 3 and arr.shape[0] not in (1, 3) and arr.shape[2] not in (1, 3):
-        arr = arr[:, None]  # (N, H, W): N grey images
-    elif arr.ndim in (2, 3):  # (H, W), (H, W, C) or (C, H, W): one image
-        arr = arr[None]
-    return arr
+# ----------------------------------------------------------------------------- the request body
 
 
-def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """The images of a request body, as one array for :meth:`ImageDetector.score_samples`.
+def declared_length(headers, max_bytes: int) -> int | None:
+    """The body size the headers announce (None for a chunked body); refuses what is too big before reading."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return None
+    text = headers.get("content-length")
+    if text is None:
+        raise UploadError(411, "missing Content-Length; send the image file as the request body")
+    length = int(text) if text.isdigit() else -1
+    if length < 0:
+        raise UploadError(400, f"bad Content-Length {text[:40]!r}; send the body's size in bytes")
+    if length > max_bytes:
+        raise UploadError(413, f"the upload is {length} bytes; the limit is {max_bytes} (--max-bytes)")
+    return length
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The whole body, at most ``max_bytes`` and :data:`BODY_TIMEOUT` seconds (413, 408, 400 if it breaks off)."""
+    from starlette.requests import ClientDisconnect
+
+    length, chunks, size = declared_length(request.headers, max_bytes), [], 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UploadError(413, f"the upload is over {max_bytes} bytes, the limit (--max-bytes)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise UploadError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s; send it again") from None
+    except ClientDisconnect:
+        raise UploadError(400, f"the connection closed after {size} bytes of the body; send it again") from None
+    if length is not None and size != length:
+        raise UploadError(400, f"the body ended after {size} of {length} bytes; send it again")
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(detector, max_bytes: int = 2_000_000, batch_size: int = 32, batch_wait_ms: float = 5.0,
+               max_queue: int = MAX_QUEUE):
+    """The ASGI app serving ``detector`` (a fitted :class:`~dgmood.methods.image_detector.ImageDetector`).
 
     Args:
-        body: the request body (raw file, or a multipart form of one or more files when ``content_type`` says so).
-        content_type: the request's Content-Type header ('' when absent).
-        shape: the model's (C, H, W).
-
-    Returns:
-        (N, H, W), (N, H, W, C) or (N, C, H, W) array, uint8 or float; not yet validated for values.
-
-    Raises:
-        UploadError: 400 (not an image, corrupt) or 422 (wrong size, channels, mode or count).
+        detector: What scores the images.
+        max_bytes: Largest request body accepted (413 above).
+        batch_size: Most images scored together in one network pass.
+        batch_wait_ms: Longest wait, in milliseconds, for more requests to join a batch.
+        max_queue: Requests admitted at once; more get 503.
     """
-    files = _multipart_files(body, content_type) if content_type.lower().startswith("multipart/form-data") else [body]
-    arrays = [_decode_one(f, shape) for f in files]
-    if len(arrays) > 1 and len({a.shape[1:] for a in arrays} | {a.dtype.kind for a in arrays}) > 2:
-        raise UploadError(422, "the uploaded files differ in size, channels or type; send images of one kind")
-    images = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    if len(images) > MAX_BATCH:
-        raise UploadError(422, f"the upload holds {len(images)} images; send at most {MAX_BATCH} per request")
-    if len(images) == 0:
-        raise UploadError(422, "the upload holds no image; send at least one")
-    return images
+    batcher = Batcher(lambda x: verdicts(detector, x), batch_size, batch_wait_ms, max_queue)
+    explainer = Batcher(lambda x: verdicts(detector, x, maps=True), batch_size, batch_wait_ms, max_queue)
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a client's malformed form is not our warning
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+        explainer.close()
+
+    app = FastAPI(title="dgmood serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Out-of-distribution scores of images from a fitted dgmood detector. Scores are "
+                              "higher = more in-distribution; errors are JSON {\"error\": \"...\"}.")
+    app.state.detector, app.state.batcher, app.state.explainer = detector, batcher, explainer
+    _add_error_handlers(app)
+    _add_routes(app, detector, batcher, explainer, max_bytes)
+    _add_docs(app)
+    return app
 
 
-# ----------------------------------------------------------------------------- HTTP
+def _add_routes(app, detector, batcher: Batcher, explainer: Batcher, max_bytes: int) -> None:
+    """``POST /score`` (batched by ``batcher``), ``POST /explain`` (batched by ``explainer``), ``GET /health``,
+    ``GET /info`` and the page at ``GET /``."""
+    from dgmood.app import schemas
+
+    errors = {code: {"model": schemas.ErrorBody, "description": text} for code, text in [
+        (400, "Not a PNG, JPEG or .npy file; corrupt, truncated, empty or malformed."),
+        (408, "The body did not arrive in time."), (411, "No Content-Length (and not chunked)."),
+        (413, "The body is over the size limit."), (422, "An image the model cannot take (size, channels, values)."),
+        (503, "The queue is full; retry shortly.")]}
+    upload = {"requestBody": schemas.body_schema()}
+    page_html = resources.files("dgmood.app").joinpath("page.html").read_text(encoding="utf-8")
+
+    async def images_of(request: Request) -> np.ndarray:
+        body = await read_body(request, max_bytes)
+        return await asyncio.to_thread(prepared, detector, body, request.headers.get("content-type", ""))
+
+    @app.post("/score", response_model=schemas.Score | schemas.BatchScore, responses=errors, openapi_extra=upload,
+              summary="Score one image or a batch")
+    async def score(request: Request):
+        with batcher.admit() as submit:
+            return _json(200, answer(detector, await submit(await images_of(request))))
+
+    @app.post("/explain", response_model=schemas.Explanation | schemas.BatchExplanation, responses=errors,
+              openapi_extra=upload, summary="Score images and draw their anomaly maps")
+    async def explain(request: Request):
+        with explainer.admit() as submit:
+            return _json(200, answer(detector, await submit(await images_of(request))))
+
+    @app.get("/health", response_model=schemas.Health, summary="Liveness probe")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info", response_model=schemas.Info, summary="What is being served")
+    async def about():
+        return info(detector, max_bytes, batcher)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(page_html)
 
 
-class ScoreHandler(BaseHTTPRequestHandler):
-    """Routes ``POST /score`` and ``GET /health``; every other request gets a JSON 4xx."""
+def _json(status: int, obj: dict, headers: dict | None = None):
+    from starlette.responses import Response
 
-    server_version = "dgmood-serve"
-    default_request_version = "HTTP/1.0"  # answers to malformed request lines get a status line too
-    timeout = READ_TIMEOUT  # socket timeout while reading the request
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):  # any other method (PUT, DELETE, FOO, ...) → 404/405, not 501
-            return self._dispatch
-        raise AttributeError(name)
-
-    def do_GET(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
-
-    def _dispatch(self):
-        self._body_read = False
-        try:
-            self._route()
-        finally:
-            if self.close_connection:
-                self._drain()
-
-    def _route(self):
-        path = urlsplit(self.path).path
-        allowed = ROUTES.get(path)
-        if allowed is None:
-            self.close_connection = True
-            return self._send_json(404, {"error": f"no endpoint {path}; use POST /score or GET /health"})
-        method = "GET" if self.command == "HEAD" and allowed == "GET" else self.command
-        if method != allowed:
-            self.close_connection = True
-            return self._send_json(405, {"error": f"{self.command} is not allowed on {path}; use {allowed}"},
-                                   {"Allow": allowed})
-        if path == "/health":
-            return self._send_json(200, {"status": "ok"})
-        try:
-            self._send_json(200, self._score())
-        except UploadError as err:
-            self.close_connection = True
-            self._send_json(err.status, {"error": err.message})
-        except Exception:  # a bug, not bad input: log it, answer 500, keep serving
-            self.close_connection = True
-            traceback.print_exc()
-            self._send_json(500, {"error": "internal error while scoring; see the server log"})
-
-    def _content_length(self) -> int:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise UploadError(411, "chunked uploads are not supported; send the file with a Content-Length")
-        text = self.headers.get("Content-Length")
-        if text is None:
-            raise UploadError(411, "missing Content-Length; send the image file as the request body")
-        try:
-            length = int(text)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise UploadError(400, f"bad Content-Length {text[:40]!r}; send the body's size in bytes")
-        if length > self.server.max_bytes:
-            raise UploadError(413, f"the upload is {length} bytes; the limit is {self.server.max_bytes} "
-                                   "(--max-bytes)")
-        return length
-
-    def _read_body(self, length: int) -> bytes:
-        chunks, left, deadline = [], length, time.monotonic() + 2 * READ_TIMEOUT
-        try:
-            while left > 0:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    raise UploadError(400, f"the body ended after {length - left} of {length} bytes; send it again")
-                chunks.append(chunk)
-                left -= len(chunk)
-        except TimeoutError:
-            self._body_read = True  # the client is silent: nothing to drain
-            raise UploadError(408, f"the body did not arrive within {READ_TIMEOUT:.0f} s; send it again") from None
-        self._body_read = True
-        return b"".join(chunks)
-
-    def _drain(self) -> None:
-        """Read and drop an unread request body (at most 8 × max_bytes, 3 s) before the connection closes.
-
-        Closing a socket with unread input resets the connection, and the client may then lose the
-        error response it has not read yet; draining lets it read the 4xx.
-        """
-        headers = getattr(self, "headers", None)
-        if self._body_read or headers is None:
-            return
-        try:
-            left = int(headers.get("Content-Length") or 0)
-        except ValueError:
-            left = 0
-        cap = _DRAIN_FACTOR * self.server.max_bytes
-        left = cap if headers.get("Transfer-Encoding") else min(max(left, 0), cap)
-        deadline = time.monotonic() + 3.0
-        try:
-            self.connection.settimeout(1.0)
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def _score(self) -> dict:
-        det = self.server.detector
-        body = self._read_body(self._content_length())
-        images = decode_upload(body, self.headers.get("Content-Type") or "", det.image_shape)
-        try:
-            x = det.prepare(images, "upload")  # dgmood.data's rules: dtype, shape, size, NaN/inf, range
-        except DataError as err:
-            raise UploadError(422, str(err)) from None
-        explained = det.explain(x, maps=False)  # one network pass at a time (the detector's lock)
-        scores = [float(s) for s in explained.scores]
-        ok = [math.isfinite(s) and s >= det.threshold for s in scores]
-        sent = [s if math.isfinite(s) else None for s in scores]
-        common = {"threshold": det.threshold, "detector": det.method, "model_sha256": det.model_sha256}
-        if len(scores) == 1:
-            return {"score": sent[0], "in_distribution": ok[0], "reasons": explained.reasons[0], **common}
-        return {"scores": sent, "in_distribution": ok, "reasons": explained.reasons, "n": len(scores), **common}
-
-    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        body = json.dumps(obj, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors raised by http.server itself (bad request line, headers too long, ...) as JSON too."""
-        self.close_connection = True
-        self._send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
-
-    def log_message(self, format, *args):
-        if self.server.log:
-            sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n")
+    return Response(json.dumps(obj, allow_nan=False), status, headers, media_type="application/json")
 
 
-class ScoreServer(ThreadingHTTPServer):
-    """A threading HTTP server holding a :class:`~dgmood.methods.image_detector.ImageDetector`.
+def _add_error_handlers(app) -> None:
+    """Every refusal as JSON ``{"error": ...}``, never a traceback."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
-    One thread per connection, at most :data:`MAX_CONNECTIONS` at once; ``server_close`` waits for the
-    requests in flight (each bounded by :data:`READ_TIMEOUT`).
-    """
+    @app.exception_handler(UploadError)
+    async def upload_error(request, err: UploadError):
+        return _json(err.status, {"error": err.message})
 
-    daemon_threads = False
-    block_on_close = True
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, err: QueueFull):
+        return _json(503, {"error": str(err)}, {"Retry-After": "1"})
 
-    def __init__(self, address, detector, max_bytes: int = 2_000_000, log: bool = True):
-        self.detector, self.max_bytes, self.log = detector, int(max_bytes), log
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__(address, ScoreHandler)
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        path, headers = request.url.path, dict(err.headers or {})
+        if err.status_code == 404:
+            return _json(404, {"error": f"no endpoint {path}; use {ENDPOINTS}"})
+        if err.status_code == 405:
+            allowed = headers.get("Allow", "").replace(", HEAD", "")
+            return _json(405, {"error": f"{request.method} is not allowed on {path}; use {allowed}"}, headers)
+        return _json(err.status_code, {"error": str(err.detail)}, headers)
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps({"error": f"busy: {MAX_CONNECTIONS} connections open; retry shortly"}).encode()
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        return _json(422, {"error": f"invalid request: {first.get('msg', err)} at {first.get('loc', '?')}"})
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request, client_address):
-        err = sys.exc_info()[1]
-        if isinstance(err, OSError):  # the client went away mid-response
-            if self.log:
-                sys.stderr.write(f"{client_address[0]} - connection error: {err}\n")
-            return
-        super().handle_error(request, client_address)
+    @app.exception_handler(Exception)
+    async def bug(request, err: Exception):  # logged by the server; the client gets one line
+        logging.getLogger("dgmood.serve").exception("error while answering %s %s", request.method, request.url.path)
+        return _json(500, {"error": "internal error while scoring; see the server log"})
 
 
-def make_server(detector, host: str = "127.0.0.1", port: int = 8765, max_bytes: int = 2_000_000,
-                log: bool = True) -> ScoreServer:
-    """A bound (not yet serving) :class:`ScoreServer`; ``port`` 0 picks a free port (``server.server_port``)."""
-    return ScoreServer((host, port), detector, max_bytes, log)
+def _add_docs(app) -> None:
+    """``GET /docs``: Swagger UI over ``/openapi.json`` (its script and style from the Swagger UI CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="dgmood serve: API")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dgmood")
+    except PackageNotFoundError:
+        return "0"
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def _detector_from_env():
+    from dgmood.app.loading import load
+
+    run = os.environ.get("DGMOOD_SERVE_RUN")
+    if not run:
+        raise RuntimeError("set DGMOOD_SERVE_RUN to a fitted run or detector folder to serve dgmood.app.serve:app")
+    return warm(load(run, os.environ.get("DGMOOD_SERVE_METHOD") or None, os.environ.get("DGMOOD_SERVE_DEVICE", "cpu")))
+
+
+def warm(detector):
+    """``detector`` after one pass on a blank image, so the first request is not the slow one."""
+    c, h, w = detector.image_shape
+    detector.score(np.zeros((1, c, h, w), np.float32))
+    return detector
+
+
+_APP = None
+
+
+def __getattr__(name: str):
+    """``dgmood.app.serve:app`` for ``uvicorn --workers N``: the app of ``$DGMOOD_SERVE_RUN``, built on first use."""
+    global _APP
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _APP is None:
+        env = os.environ.get
+        _APP = create_app(_detector_from_env(), int(env("DGMOOD_SERVE_MAX_BYTES", 2_000_000)),
+                          int(env("DGMOOD_SERVE_BATCH_SIZE", 32)), float(env("DGMOOD_SERVE_BATCH_WAIT_MS", 5.0)),
+                          int(env("DGMOOD_SERVE_MAX_QUEUE", MAX_QUEUE)))
+    return _APP
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; ``port`` 0 picks a free one. Raises OSError with a one-line message."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
+    except (OSError, OverflowError) as err:  # address in use, permission denied, unknown host
+        sock.close()
+        raise OSError(getattr(err, "errno", None), f"cannot listen on {host}:{port} "
+                      f"({getattr(err, 'strerror', None) or err}); pick another --port or --host") from err
+    return sock
+
+
+def _json_400_protocol():
+    """uvicorn's h11 protocol, answering malformed HTTP (bad request line, bad Content-Length) with JSON too."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"malformed HTTP request ({msg.rstrip('.')}); check the request line "
+                                        "and headers"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+        def eof_received(self) -> bool | None:
+            """A client that stops sending (shutdown(SHUT_WR)) still gets its answer: a short body ends where
+            it stopped (400), then the connection closes."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return None
+            cycle.keep_alive = False
+            if self.conn.their_state is h11.SEND_BODY:
+                cycle.more_body = False
+                cycle.message_event.set()
+            return True
+
+    return JsonErrorsH11
 
 
 def serve(run_dir, detector: str | None = None, host: str = "127.0.0.1", port: int = 8765,
-          max_bytes: int = 2_000_000, device: str = "cpu", log: bool = True, echo=None) -> None:
-    """Load the saved detector of ``run_dir`` (a run, or a detector folder) and serve it until SIGINT/SIGTERM
-    (see the module docstring). ``detector``: the method's name (default: the run's)."""
+          max_bytes: int = 2_000_000, device: str = "cpu", log: bool = True, echo=None, batch_size: int = 32,
+          batch_wait_ms: float = 5.0, max_queue: int = MAX_QUEUE) -> None:
+    """Load the saved detector of ``run_dir`` (a run, or a detector folder) and serve it with uvicorn until
+    SIGINT/SIGTERM, which stop accepting, let requests in flight finish, then return.
+    ``detector``: the method's name (default: the run's); the other arguments as :func:`create_app`'s."""
+    import uvicorn
+
     from dgmood.app.loading import load
 
     echo = echo or (lambda line: print(line, flush=True))
-    det = load(run_dir, detector, device)
+    det = warm(load(run_dir, detector, device))
+    sock = _listen(host, port)
+    app = create_app(det, max_bytes, batch_size, batch_wait_ms, max_queue)
+    config = uvicorn.Config(app, http=_json_400_protocol(), lifespan="on", log_level="info" if log else "warning",
+                            access_log=log, timeout_graceful_shutdown=2 * BODY_TIMEOUT, server_header=False)
+    address, bound = sock.getsockname()[:2]
+    if address not in ("127.0.0.1", "::1"):
+        echo(f"warning: listening on {address}, not loopback; the server has no authentication or TLS, "
+             "put it behind a proxy")
     c, h, w = det.image_shape
-    det.score(np.zeros((1, c, h, w), np.float32))  # warm-up: the first request is not the slow one
-    try:
-        server = make_server(det, host, port, max_bytes, log)
-    except OSError as err:  # address in use, permission denied, unknown host
-        raise OSError(err.errno, f"cannot listen on {host}:{port} ({err.strerror or err}); "
-                                 "pick another --port or --host") from err
-    stopping = threading.Event()
-
-    def stop(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if server.server_address[0] not in ("127.0.0.1", "::1", "localhost"):
-            echo(f"warning: listening on {server.server_address[0]}, not loopback; the server has no "
-                 "authentication or TLS, put it behind a proxy")
-        echo(f"dgmood serve: http://{server.server_address[0]}:{server.server_port} "
-             f"(detector {det.method}, threshold {det.threshold:.4g}, image {h}x{w}x{c}, "
-             f"model {det.model_sha256[:12]}); POST /score, GET /health; Ctrl-C to stop")
-        server.serve_forever(poll_interval=0.2)
+    echo(f"dgmood serve: http://{f'[{address}]' if ':' in address else address}:{bound} (detector {det.method}, threshold {det.threshold:.4g}, "
+         f"image {h}x{w}x{c}, model {det.model_sha256[:12]}, batches of up to {batch_size} within "
+         f"{batch_wait_ms:g} ms); POST /score, GET /health, GET / for the page; Ctrl-C to stop")
+    main = threading.current_thread() is threading.main_thread()
+    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:  # uvicorn re-raises the signal that stopped it once done: these no-op handlers take it
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
-        server.server_close()  # waits for requests in flight
-        for sig, handler in previous.items():
+        for sig, handler in quiet.items():
             signal.signal(sig, handler)
+        sock.close()
     echo("dgmood serve: stopped")
