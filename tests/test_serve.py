@@ -9,9 +9,11 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +110,7 @@ def test_load_scores_equal_the_runs_own_detector(run_dir, bundle, data_dir):
 
 def test_load_brings_other_sizes_and_colours_by_the_saved_policy(bundle):
     """The run's policy (crop) travels with the detector: a 32×32 image is cut to 28×28, RGB becomes grey; under
-    ``error`` both are refused with the data module's messages."""
+    ``error`` the other size is refused with the data module's message (colour is converted under every policy)."""
     rng = np.random.default_rng(0)
     big, rgb = rng.integers(0, 256, (2, 32, 32), np.uint8), rng.integers(0, 256, (2, 28, 28, 3), np.uint8)
     assert bundle.resize == "crop"
@@ -116,10 +118,9 @@ def test_load_brings_other_sizes_and_colours_by_the_saved_policy(bundle):
     assert bundle.prepare(big).shape == (2, 1, 28, 28) and bundle.prepare(rgb).shape == (2, 1, 28, 28)
     bundle.resize = "error"
     try:
-        for images, message in [(big, "images are 32x32x1 but the model expects 28x28x1"),
-                                (rgb, "images are 28x28x3 but the model expects 28x28x1")]:
-            with pytest.raises(DataError, match=message):
-                bundle.score(images)
+        with pytest.raises(DataError, match="images are 32x32x1 but the model expects 28x28x1"):
+            bundle.score(big)
+        assert bundle.prepare(rgb).shape == (2, 1, 28, 28)
     finally:
         bundle.resize = "crop"
 
@@ -248,8 +249,6 @@ def test_score_a_batch_as_npy_and_as_several_files(server, bundle, uploads):
     ("POST", "/score", "trunc.png", {}, 400, "truncated or corrupt"),
     ("POST", "/score", "bad.npy", {}, 400, ".npy upload is corrupt"),
     ("POST", "/score", b"", {}, 400, "empty upload"),
-    ("POST", "/score", "big.png", {}, 422, "model expects 28x28x1"),
-    ("POST", "/score", "rgb.png", {}, 422, "images are 28x28x3 but the model expects 28x28x1"),
     ("POST", "/score", "nan.npy", {}, 422, "NaN or inf"),
     ("POST", "/score", "many.npy", {}, 422, "send at most 1024 per request"),
     ("POST", "/score", b"x" * 300_000, {}, 413, "the limit is 200000"),
@@ -268,6 +267,31 @@ def test_bad_requests_get_json_4xx(server, uploads, method, path, upload, header
     if status == 405:
         assert reply_headers["Allow"] in ("GET", "POST")
     assert proc.poll() is None
+
+
+def test_other_sizes_and_modes_are_brought_by_the_detectors_policy(server, bundle, uploads):
+    """A 32×32 grey PNG and a 28×28 RGB PNG are scored (the run's policy: crop, RGB → grey) exactly as
+    ``dgmood.load(...).score`` scores their pixels; under the ``error`` policy the server refuses them (422)."""
+    from dgmood.app.uploads import UploadError, decode_upload
+
+    url, _ = server
+    for name in ("big.png", "rgb.png"):
+        status, answer, _ = request(url, "POST", "/score", (uploads / name).read_bytes())
+        pixels = np.asarray(Image.open(uploads / name))[None]
+        assert status == 200, answer
+        np.testing.assert_allclose(answer["score"], bundle.score(pixels)[0], rtol=1e-5)
+    with pytest.raises(UploadError) as err:
+        decode_upload((uploads / "big.png").read_bytes(), "image/png", (1, 28, 28), "error")
+    assert err.value.status == 422 and "resize policy is error" in err.value.message
+    bomb = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)) + \
+        _png_chunk(b"IEND", b"")
+    with pytest.raises(UploadError) as err:
+        decode_upload(bomb, "image/png", (1, 28, 28), "crop")
+    assert err.value.status == 413 and "decompression bomb" in err.value.message
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def test_missing_length_and_malformed_request_line(server):
@@ -429,7 +453,7 @@ def client(app):
 def test_info_docs_and_the_openapi_schema(client, bundle):
     info = client.get("/info").json()
     assert info == {"detector": "combined", "model_sha256": bundle.model_sha256, "image_size": [28, 28, 1],
-                    "resize": "error", "threshold": bundle.threshold, "max_bytes": 200_000, "max_images": 1024,
+                    "resize": "crop", "threshold": bundle.threshold, "max_bytes": 200_000, "max_images": 1024,
                     "batch_size": 32, "batch_wait_ms": 20.0, "max_queue": 64}
     schema = client.get("/openapi.json").json()
     score = schema["paths"]["/score"]["post"]

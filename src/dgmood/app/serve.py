@@ -116,7 +116,7 @@ def answer(detector, results: list[dict]) -> dict:
 
 def prepared(detector, body: bytes, content_type: str) -> np.ndarray:
     """The request's images validated for the model: float32 (N, C, H, W) in [0, 1]; raises :class:`UploadError`."""
-    images = decode_upload(body, content_type, detector.image_shape)
+    images = decode_upload(body, content_type, detector.image_shape, resize_policy(detector))
     try:
         return detector.prepare(images, "upload")  # dgmood.data's rules: dtype, shape, size, NaN/inf, range
     except DataError as err:

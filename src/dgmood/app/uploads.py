@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from dgmood.data.datasets import PIL_MODES, DataError, check_model_shape
+from dgmood.data.images import BadImage, ImagePolicy, decode
 
 __all__ = ["MAX_BATCH", "UploadError", "decode_upload"]
 
@@ -77,39 +77,34 @@ def _decode_npy(body: bytes) -> np.ndarray:
         raise UploadError(400, f"the .npy upload cannot be read ({err}); save it with numpy.save") from None
 
 
-def _decode_image(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """(H, W) or (H, W, 3) uint8 from a PNG/JPEG body; size and channels checked from the header first."""
-    from PIL import Image
+_STATUS = {"too-large": 413, "size": 422}
+"""HTTP status of a :class:`~dgmood.data.images.BadImage` by its kind; every other kind is 400."""
 
+
+def _decode_image(body: bytes, shape: tuple[int, int, int], resize: str) -> np.ndarray:
+    """(C, H, W) uint8 of the model's shape from an image body, by the detector's policy (:mod:`dgmood.data.images`:
+    orientation, mode, then size; a bomb is refused from its header, before any pixel is decoded)."""
     try:
-        im = Image.open(io.BytesIO(body), formats=["PNG", "JPEG"])
-    except Image.DecompressionBombError as err:
-        raise UploadError(413, f"the image is too large once decoded ({err})") from None
-    except (OSError, SyntaxError, ValueError, TypeError):
-        raise UploadError(400, "the upload is not a PNG or JPEG image or a .npy array; send one image file") from None
-    with im:
-        mode = PIL_MODES.get(im.mode)
-        if mode is None:
-            raise UploadError(422, f"the image has mode {im.mode}; save it as 8-bit greyscale (L) or RGB")
-        width, height = im.size
-        try:  # header only: nothing of the wrong size is decoded
-            check_model_shape(np.broadcast_to(np.uint8(0), (1, 1 if mode == "L" else 3, height, width)), shape,
-                               "upload")
-        except DataError as err:
-            raise UploadError(422, str(err)) from None
-        try:
-            im.load()
-            return np.asarray(im if im.mode == mode else im.convert(mode))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise UploadError(400, f"the image is truncated or corrupt ({err}); send it again") from None
+        return decode(body, "the upload", ImagePolicy(shape, resize))[0]
+    except BadImage as err:
+        raise UploadError(_STATUS.get(err.kind, 400), _message(err)) from None
 
 
-def _decode_one(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+def _message(err: BadImage) -> str:
+    """The client's one line for an image that cannot be used."""
+    if err.kind == "unknown":
+        return "the upload is not a PNG or JPEG image (or another image format) or a .npy array; send one image file"
+    if err.kind == "size":
+        return f"{err.reason}: this detector's resize policy is error; send it at the model's size"
+    return f"the image cannot be decoded: {err.reason}; send it again" if err.kind == "corrupt" else err.reason
+
+
+def _decode_one(body: bytes, shape: tuple[int, int, int], resize: str) -> np.ndarray:
     """One uploaded file as an array of images (N, ...); N > 1 only for an .npy batch."""
     if not body:
         raise UploadError(400, "empty upload; send one PNG/JPEG image or .npy array as the body")
     if not body.startswith(_NPY_MAGIC):
-        return _decode_image(body, shape)[None]
+        return _decode_image(body, shape, resize)[None]
     arr = _decode_npy(body)
     if arr.ndim == 3 and arr.shape[0] not in (1, 3) and arr.shape[2] not in (1, 3):
         arr = arr[:, None]  # (N, H, W): N grey images
@@ -118,13 +113,15 @@ def _decode_one(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     return arr
 
 
-def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -> np.ndarray:
+def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int], resize: str = "error") -> np.ndarray:
     """The images of a request body, as one array for :meth:`ImageDetector.score_samples`.
 
     Args:
         body: the request body (raw file, or a multipart form of one or more files when ``content_type`` says so).
         content_type: the request's Content-Type header ('' when absent).
         shape: the model's (C, H, W).
+        resize: the detector's resize policy: every image file is brought to ``shape`` by it
+            (:mod:`dgmood.data.images`); ``.npy`` arrays are brought by the detector itself.
 
     Returns:
         (N, H, W), (N, H, W, C) or (N, C, H, W) array, uint8 or float; not yet validated for values.
@@ -133,7 +130,7 @@ def decode_upload(body: bytes, content_type: str, shape: tuple[int, int, int]) -
         UploadError: 400 (not an image, corrupt) or 422 (wrong size, channels, mode or count).
     """
     files = _multipart_files(body, content_type) if content_type.lower().startswith("multipart/form-data") else [body]
-    arrays = [_decode_one(f, shape) for f in files]
+    arrays = [_decode_one(f, shape, resize) for f in files]
     if len(arrays) > 1 and len({a.shape[1:] for a in arrays} | {a.dtype.kind for a in arrays}) > 2:
         raise UploadError(422, "the uploaded files differ in size, channels or type; send images of one kind")
     images = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

@@ -138,7 +138,8 @@ def list_collection(path: str | os.PathLike, prefix: str = "") -> Collection:
 
 
 def _too_big(member: str, size: int) -> BadImage | None:
-    return BadImage(member, f"{size:,} bytes is over the {MAX_MEMBER_BYTES:,}-byte limit of one image") \
+    return BadImage(member, f"{size:,} bytes is over the {MAX_MEMBER_BYTES:,}-byte limit of one image",
+                    kind="too-large") \
         if size > MAX_MEMBER_BYTES else None
 
 

@@ -32,7 +32,6 @@ __all__ = [
     "SPLITS",
     "SYNTHETIC",
     "URLS",
-    "PIL_MODES",
     "DataError",
     "Spec",
     "check_model_shape",
@@ -108,7 +107,6 @@ _IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
 # lets SyntaxError / tokenize.TokenError escape, zipfile raises RuntimeError (encrypted) and NotImplementedError
 _NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxError, tokenize.TokenError,
               zipfile.BadZipFile, zlib.error)
-PIL_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "RGB": "RGB", "RGBA": "RGB"}
 _SLICE_RE = re.compile(r"^(?P<base>.*)\[\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*\]$")
 _FORMS = (
     "use fashion-mnist[:train|:test], mnist[:train|:test], cifar10[:train|:test], tiny-imagenet, uniform, gaussian, "
@@ -826,7 +824,7 @@ def load_images(
 def to_model(x: np.ndarray, shape: tuple[int, int, int], label: str, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """(N, C, H, W) images, uint8 or float in [0, 1] (validated), as C-contiguous float32 in [0, 1] of the model's
     (C, H, W): uint8 images of another size take the steps of a decoded file (:func:`fit_to_model`)."""
-    if resize == "error":
+    if resize == "error" and tuple(x.shape[2:]) != tuple(shape[1:]):  # colour is converted under every policy
         check_model_shape(x, tuple(shape), label)
     if x.dtype == np.uint8 and tuple(x.shape[1:]) != tuple(shape):
         return fit_to_model(np.ascontiguousarray(x), shape, label, resize)

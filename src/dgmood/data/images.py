@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_RESIZE", "IMAGE_EXTENSIONS", "MAX_PIXELS", "RESIZE_POLICIES", "BadImage", "ImagePolicy",
+__all__ = ["DEFAULT_RESIZE", "FORMATS", "IMAGE_EXTENSIONS", "MAX_PIXELS", "RESIZE_POLICIES", "BadImage", "ImagePolicy",
            "decode", "fit_array", "fit_size", "header", "to_channels"]
 
 RESIZE_POLICIES = ("crop", "stretch", "pad", "error")
@@ -42,6 +42,10 @@ DEFAULT_RESIZE = "crop"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 """File name endings read as images in folders and archives (case-insensitive)."""
 
+FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")
+"""The formats Pillow may open (MPO: the multi-picture JPEG some cameras write); no other decoder is reached, so a
+file posing as an image cannot invoke one (EPS's Ghostscript, say)."""
+
 MAX_PIXELS = 89_478_485
 """Largest width × height decoded (Pillow's own bomb limit, 0.25 GB of 24-bit pixels); bigger is refused."""
 
@@ -51,12 +55,15 @@ _WHITE = (255, 255, 255, 255)
 
 
 class BadImage(ValueError):
-    """One image that cannot be used (corrupt, truncated, empty, a bomb, an unknown mode, the wrong size under
-    ``error``). ``source`` names it, ``reason`` says what is wrong; ``str()`` is one line with what to do."""
+    """One image that cannot be used. ``source`` names it, ``reason`` says what is wrong, ``kind`` is one of
+    ``unknown`` (not an image Pillow reads), ``corrupt`` (a damaged header or truncated data), ``empty``,
+    ``too-large`` (a decompression bomb, an oversized file) or ``size`` (another size under the ``error`` policy);
+    ``str()`` is one line with what to do."""
 
-    def __init__(self, source: str, reason: str, fix: str = "replace or remove it, or pass --skip-bad"):
+    def __init__(self, source: str, reason: str, fix: str = "replace or remove it, or pass --skip-bad",
+                 kind: str = "corrupt"):
         super().__init__(f"{source}: {reason}; {fix}")
-        self.source, self.reason, self.fix = source, reason, fix
+        self.source, self.reason, self.fix, self.kind = source, reason, fix, kind
 
 
 @dataclass(frozen=True)
@@ -93,22 +100,24 @@ def _open(data: bytes, source: str):
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise BadImage(source, "the file is empty (0 bytes)")
+        raise BadImage(source, "the file is empty (0 bytes)", kind="empty")
     try:
-        im = Image.open(io.BytesIO(data))
+        Image.init()  # registers every plugin once (MPO's too), so FORMATS can all be named
+        im = Image.open(io.BytesIO(data), formats=[f for f in FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError as err:
-        raise BadImage(source, f"{err} (a decompression bomb?)", "shrink it, or remove it or pass --skip-bad") from None
+        raise BadImage(source, f"{err} (a decompression bomb?)", "shrink it, or remove it or pass --skip-bad",
+                       "too-large") from None
     except UnidentifiedImageError:
-        raise BadImage(source, "not an image Pillow can read (unknown or corrupt format)") from None
+        raise BadImage(source, "not an image Pillow can read (unknown or corrupt format)", kind="unknown") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError) as err:
         raise BadImage(source, f"corrupt image header ({err})") from None
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
         raise BadImage(source, f"{w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?)",
-                       "shrink it, or remove it or pass --skip-bad")
+                       "shrink it, or remove it or pass --skip-bad", "too-large")
     if w < 1 or h < 1:
-        raise BadImage(source, f"the image has no pixels ({w}x{h})")
+        raise BadImage(source, f"the image has no pixels ({w}x{h})", kind="empty")
     return im
 
 
@@ -204,7 +213,7 @@ def fit_size(im, size: tuple[int, int], resize: str, source: str = "image"):
         return im
     if resize == "error":
         raise BadImage(source, f"the image is {im.height}x{im.width} but the model takes {th}x{tw}",
-                       "resize it, or pass --resize crop|stretch|pad")
+                       "resize it, or pass --resize crop|stretch|pad", "size")
     if resize == "stretch":
         return im.resize((tw, th), _FILTER)
     if resize == "pad":
