@@ -90,3 +90,24 @@ def test_predict_streams_an_archive_in_chunks(photo_run, tmp_path, data_dir):
     scores = [float(r["score"]) for r in csv.DictReader(out.open())]
     det = dgmood.load(run, "msma-knn")
     np.testing.assert_allclose(scores, det.score(np.concatenate([c.images for c in chunks])), rtol=1e-5)
+
+
+def test_64px_jpegs_scored_by_a_32px_model_through_serve(photo_run, data_dir):
+    """The served app brings uploads to the model by the saved policy: a Tiny ImageNet JPEG as its raw bytes scores
+    as `predict` scored it."""
+    from starlette.testclient import TestClient
+
+    from dgmood.app.serve import create_app
+    from dgmood.data.datasets import open_collection
+
+    root, run = photo_run
+    det = dgmood.load(run, "msma-knn")
+    collection = open_collection("tiny-imagenet", data_dir)
+    (source, jpeg), = collection.read(3, 4)
+    expected = det.score(load_images("tiny-imagenet[3:4]", data_dir, shape=(3, 32, 32)))[0]
+    with TestClient(create_app(det)) as client:
+        info = client.get("/info").json()
+        answer = client.post("/score", content=jpeg)
+    assert info["resize"] == "crop" and answer.status_code == 200, answer.text
+    assert source.startswith("val/val_") and source.endswith(".JPEG")
+    np.testing.assert_allclose(answer.json()["score"], expected, rtol=1e-5)
