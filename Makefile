@@ -23,7 +23,7 @@ DEMO_ARGS ?= --steps 1500 --fit-n 4000 --in fashion-mnist:test --ood mnist:test 
 REFERENCE_RUN ?= runs/fm-score
 REFERENCE_NET ?= --channels 48,96,96
 
-.PHONY: venv demo test bench bench-dual reproduce clean-venv
+.PHONY: venv demo test test-slow bench bench-dual reproduce clean-venv
 
 # What the demo needs (the package); the tests add their extras on top.
 $(BIN)/.installed: pyproject.toml
@@ -45,7 +45,12 @@ demo: venv
 
 test: $(BIN)/.installed-test
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+# The tests marked slow (a minute or more each; README.md#development); .ci/run runs them after `make test`.
+# pytest exits 5 when it selects no test: not a failure here.
+test-slow: $(BIN)/.installed-test
+	$(BIN)/pytest -q -m slow || [ $$? -eq 5 ]
 
 bench: $(BIN)/.installed-test
 	$(BIN)/pip install -e ".[test,bench]" >/dev/null

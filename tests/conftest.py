@@ -4,8 +4,17 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread too, set before numpy/scipy load their OpenBLAS (and inherited by the CLI subprocesses some tests
+# start): on 2 shared cores OpenBLAS's spinning second thread made the GMM fits of tiny feature sets 14x slower
+# (5 mixtures of 300 x 10 rows: 0.16 s with one thread, 2.3 s with two beside another busy process).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `make test` exports it: idle OpenMP threads sleep
+
+import numpy  # noqa: E402
+import pytest  # noqa: E402
+import scipy.linalg  # noqa: E402,F401  (loads scipy's own OpenBLAS, so the limit below reaches it too)
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 # benchmarks/ holds the scripts and the paper-reproduction package (not part of the library)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -13,6 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # One thread: the tests run tiny networks, where thread overhead dominates on 2 shared cores.
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
+threadpool_limits(1, user_api="blas")  # in case a plugin loaded numpy before the variable above was set
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Back to one torch thread after each test: a CLI command run in-process without --threads sets torch to
+    os.cpu_count() threads, which then slowed every later test of the session (a tiny score net's likelihood ODE
+    took 90 s instead of 1 s on 2 busy cores)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -169,6 +169,7 @@ def test_training_is_deterministic_across_processes(reference):
     assert [e["step"] for e in meta["log"]] == list(range(EVERY, N_STEPS + 1, EVERY))
 
 
+@pytest.mark.slow  # 20+ real `dgmood train` processes, each ~2.5 s of startup before it can be killed: about a minute
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_path, images_npy, reference):
     """Kill `dgmood train` 20 times in a row at random moments (startup, training, checkpoint writes),
     rerunning the same command each time; check the checkpoint after every kill, and the end result."""

@@ -243,7 +243,10 @@ def test_predict_refuses_a_bad_file_and_writes_nothing(runs, images, tmp_path, d
     assert rows[0]["error"].startswith("not an image") and rows[2]["error"] == "" and rows[2]["height"] == str(images["in"].shape[2])
 
 
-def test_custom_rgb_folder_holds_out_a_test_split_and_scores(tmp_path, data_dir):
+def test_custom_rgb_folder_holds_out_a_test_split_and_scores(tmp_path, data_dir, monkeypatch):
+    import dgmood.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "DEFAULT_N", 200)  # the default OOD sets by name, 200 images each (not 10,000)
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"
     folder.mkdir()
