@@ -38,7 +38,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERE
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("serve") / "tiny"
-    args = ["run", "--run", run, "--steps", 4, "--batch-size", 16, "--channels", "8,16", "--fit-n", 200,
+    args = ["run", "--run", run, "--data", "fashion-mnist[:300]", "--steps", 4, "--batch-size", 16, "--channels", "8,16",
+            "--fit-n", 200,
             "--in", IN_SPEC, "--ood", "uniform[:50]", "--threads", 1, "--quiet",
             "--data-dir", data_dir]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
