@@ -318,3 +318,20 @@ def test_download_photo_releases_without_the_network(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="not a valid release"):
         data.download("cifar10", tmp_path / "other")
     assert list((tmp_path / "other" / "cifar10").iterdir()) == []
+
+
+def test_worker_processes_decode_as_threads_do(with_bad, monkeypatch):
+    """Both decoding pools give the same chunks, bad files included (BadImage crosses the process boundary)."""
+    from dgmood.data.stream import stream_collection
+
+    path, bad = with_bad
+    collection = open_collection(str(path))
+    policy = ImagePolicy((3, 12, 12))
+    runs = {kind: list(stream_collection(collection, policy, chunk=4, skip_bad=True, workers=2, kind=kind))
+            for kind in ("threads", "processes")}
+    for a, b in zip(*runs.values(), strict=True):
+        np.testing.assert_array_equal(a.images, b.images)
+        assert a.sources == b.sources and a.bad == b.bad and a.index.tolist() == b.index.tolist()
+    monkeypatch.setenv("DGMOOD_DECODE", "processes")
+    with pytest.raises(DataError, match="ok/1a.png: not an image"):
+        load_images(str(path), shape=(3, 12, 12))

@@ -65,6 +65,9 @@ class BadImage(ValueError):
         super().__init__(f"{source}: {reason}; {fix}")
         self.source, self.reason, self.fix, self.kind = source, reason, fix, kind
 
+    def __reduce__(self):  # pickled by name and fields (a decoding process sends it back)
+        return BadImage, (self.source, self.reason, self.fix, self.kind)
+
 
 @dataclass(frozen=True)
 class ImagePolicy:
