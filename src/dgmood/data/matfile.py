@@ -84,7 +84,7 @@ def _matrix(body: memoryview, order: str, where: str, names: set[str] | None) ->
     if kind != 6 or len(flags) != 8:
         raise _error(f"{where} has a matrix without array flags; the file is corrupt, get it again")
     word = _numbers(kind, flags, order, where)[0]
-    cls, bits = int(word) & 0xFF, int(word) >> 8
+    cls, bits = int(word) & 0xFF, int(word)
     kind, dims, pos = _element(body, pos, order, where)
     shape = tuple(int(d) for d in _numbers(kind, dims, order, where))
     kind, raw_name, pos = _element(body, pos, order, where)
