@@ -503,3 +503,28 @@ def test_celeba_splits_follow_the_partition_list(tmp_path, monkeypatch):
     (root / releases.CELEBA_PARTITION).write_text("000001.jpg train\n")
     with pytest.raises(DataError, match="line 1 of .*list_eval_partition.txt is not 'NAME.jpg 0|1|2'"):
         load_images("celeba", root)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_mat_reader_casts_matlab_storage_to_the_class(tmp_path, order):
+    """MATLAB stores a double matrix of small integers as bytes (SVHN's y) and packs a short name in a small element;
+    a big-endian file says MI. Written here by hand, checked against scipy.io.loadmat(mat_dtype=True)."""
+    import scipy.io
+
+    from dgmood.data.matfile import read_mat
+
+    def element(kind, data):
+        return struct.pack(order + "II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
+
+    values = np.array([10, 1, 7], np.uint8)
+    body = (element(6, struct.pack(order + "II", 6, 0))  # array flags: mxDOUBLE_CLASS
+            + element(5, struct.pack(order + "ii", 3, 1))  # dimensions (3, 1)
+            + struct.pack(order + "HH", 1, 1) + b"y\0\0\0"  # small element: miINT8 name "y"
+            + element(2, values.tobytes()))  # real part stored as miUINT8
+    header = b"MATLAB 5.0 MAT-file, hand-made".ljust(116) + b"\0" * 8 + struct.pack(order + "H", 0x0100) + \
+        (b"IM" if order == "<" else b"MI")
+    (tmp_path / "h.mat").write_bytes(header + element(14, body))
+    got = read_mat(tmp_path / "h.mat")["y"]
+    reference = scipy.io.loadmat(tmp_path / "h.mat", mat_dtype=True)["y"]
+    assert got.dtype == np.float64 and got.shape == (3, 1) and got.ravel().tolist() == [10.0, 1.0, 7.0]
+    np.testing.assert_array_equal(got, reference)
