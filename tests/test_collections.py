@@ -335,3 +335,196 @@ def test_worker_processes_decode_as_threads_do(with_bad, monkeypatch):
     monkeypatch.setenv("DGMOOD_DECODE", "processes")
     with pytest.raises(DataError, match="ok/1a.png: not an image"):
         load_images(str(path), shape=(3, 12, 12))
+
+
+# ----------------------------------------------------------------------------- CIFAR-100, SVHN, CelebA
+
+
+def _cifar100_release(path):
+    images = {"train": RNG.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+              "test": RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)}
+    labels = {"train": np.array([0, 99, 42, 7, 58, 13]), "test": np.array([71, 5, 99])}
+    return releases.write_cifar100_binary(path, images, labels), images, labels
+
+
+def test_cifar100_binary_release_reads_fine_labels(tmp_path):
+    root = tmp_path / "data"
+    (root / "cifar100").mkdir(parents=True)
+    path, images, labels = _cifar100_release(root / releases.CIFAR100_BINARY)
+    with tarfile.open(path) as tf:  # record layout by hand: coarse byte, fine byte, the red plane row by row
+        raw = tf.extractfile("cifar-100-binary/test.bin").read()
+    assert len(raw) == 3 * 3074 and raw[:2] == bytes([71 // 5, 71])
+    assert raw[2:1026] == images["test"][0, :, :, 0].tobytes()
+    x, y = releases.read_cifar100_binary(path, "train")
+    np.testing.assert_array_equal(x, images["train"])
+    assert y.tolist() == labels["train"].tolist()
+    np.testing.assert_allclose(load_images("cifar100:test", root) * 255, images["test"].transpose(0, 3, 1, 2),
+                               atol=1e-4)
+    assert data.load_labels("cifar100[1:4]", root).tolist() == [99, 42, 7]
+    assert str(data.parse_spec("cifar100:test[:2]")) == "cifar100:test[:2]"
+    assert str(data.parse_spec("CIFAR100")) == "cifar100"
+    with pytest.raises(DataError, match="cifar100 train not found: put cifar-100-binary.tar.gz .*download cifar100"):
+        load_images("cifar100", tmp_path / "empty")
+    with pytest.raises(DataError, match="use cifar100:train or cifar100:test"):
+        load_images("cifar100:valid", root)
+
+
+def _svhn_mat(path, n, compress):
+    import scipy.io
+
+    x = RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = (np.arange(n) % 10 + 1).astype(np.float64)[:, None]  # 1..10, 10 is the digit 0
+    scipy.io.savemat(path, {"X": x, "y": y}, do_compression=compress)
+    return x, y
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat_reader_matches_scipy(tmp_path, compress):
+    import scipy.io
+
+    from dgmood.data.matfile import read_mat
+
+    arrays = {"X": RNG.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8), "y": np.array([[10.0], [1], [2], [9]]),
+              "f": RNG.random((2, 3)).astype(np.float32), "i": np.arange(-3, 3, dtype=np.int16).reshape(3, 2),
+              "s": np.float64(2.5), "e": np.zeros((0, 3))}
+    scipy.io.savemat(tmp_path / "a.mat", arrays, do_compression=compress)
+    mine, theirs = read_mat(tmp_path / "a.mat"), scipy.io.loadmat(tmp_path / "a.mat")
+    assert set(mine) == set(arrays)
+    for name, value in mine.items():
+        assert value.dtype == theirs[name].dtype and value.shape == theirs[name].shape, name
+        np.testing.assert_array_equal(value, theirs[name])
+    assert set(read_mat(tmp_path / "a.mat", ("y",))) == {"y"}
+
+
+def test_mat_reader_refuses_objects_and_bad_files(tmp_path):
+    import scipy.io
+
+    from dgmood.data.matfile import read_mat
+
+    x = np.zeros((32, 32, 3, 1), np.uint8)
+    scipy.io.savemat(tmp_path / "c.mat", {"X": x, "c": np.array([[1, "a"]], dtype=object)}, do_compression=True)
+    scipy.io.savemat(tmp_path / "s.mat", {"y": {"a": 1}, "X": x})
+    with pytest.raises(DataError, match="variable 'c' of .*c.mat is a cell array; only real numeric matrices") as info:
+        read_mat(tmp_path / "c.mat")
+    assert "\n" not in str(info.value)
+    assert read_mat(tmp_path / "c.mat", ("X",))["X"].shape == (32, 32, 3, 1)  # the cell is skipped unread
+    with pytest.raises(DataError, match="variable 'y' of .*s.mat is a struct"):
+        releases.read_svhn(tmp_path / "s.mat")
+    scipy.io.savemat(tmp_path / "z.mat", {"z": np.array([1 + 2j])})
+    with pytest.raises(DataError, match="is a complex matrix"):
+        read_mat(tmp_path / "z.mat")
+    blob = (tmp_path / "c.mat").read_bytes()
+    (tmp_path / "cut.mat").write_bytes(blob[:200])
+    with pytest.raises(DataError, match="truncated"):
+        read_mat(tmp_path / "cut.mat")
+    (tmp_path / "junk.mat").write_bytes(b"<html>" * 30)
+    with pytest.raises(DataError, match="not a MATLAB v5 .mat file"):
+        read_mat(tmp_path / "junk.mat")
+    with pytest.raises(DataError, match="has no X .*not SVHN's cropped digits"):
+        releases.read_svhn(tmp_path / "c.mat")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_svhn_named_specs(tmp_path, compress):
+    root = tmp_path / "data"
+    (root / "svhn").mkdir(parents=True)
+    x, y = _svhn_mat(root / releases.SVHN_FILES["train"], 12, compress)
+    _svhn_mat(root / releases.SVHN_FILES["test"], 3, not compress)
+    images, labels = releases.read_svhn(root / releases.SVHN_FILES["train"])
+    np.testing.assert_array_equal(images, x.transpose(3, 0, 1, 2))
+    assert labels.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]
+    np.testing.assert_allclose(load_images("svhn[:5]", root) * 255, x.transpose(3, 2, 0, 1)[:5], atol=1e-4)
+    assert data.load_labels("svhn[8:]", root).tolist() == [9, 0, 1, 2]
+    assert load_images("svhn:test", root, shape=(1, 28, 28)).shape == (3, 1, 28, 28)
+    with pytest.raises(DataError, match=r"svhn extra not found: put extra_32x32.mat \(from http.*extra_32x32.mat\) at"):
+        load_images("svhn:extra", root)
+
+
+def test_download_cifar100_and_svhn_without_the_network(monkeypatch, tmp_path):
+    cifar = _cifar100_release(tmp_path / "c.tar.gz")[0].read_bytes()
+    _svhn_mat(tmp_path / "train.mat", 4, True)
+    _svhn_mat(tmp_path / "test.mat", 2, False)
+    blobs = {releases.CIFAR100_URL: cifar,
+             releases.SVHN_URL + "train_32x32.mat": (tmp_path / "train.mat").read_bytes(),
+             releases.SVHN_URL + "test_32x32.mat": (tmp_path / "test.mat").read_bytes()}
+    seen = []
+
+    def fake(url, timeout=None):
+        seen.append(url)
+        return _Response(blobs[url])
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake)
+    root = tmp_path / "data"
+    assert data.download("cifar100", root) == [root / releases.CIFAR100_BINARY]
+    assert data.download("svhn", root) == [root / releases.SVHN_FILES["train"], root / releases.SVHN_FILES["test"]]
+    assert seen == list(blobs)
+    assert data.download("svhn", root) == [root / releases.SVHN_FILES["train"], root / releases.SVHN_FILES["test"]]
+    assert len(seen) == 3  # present files are not fetched again
+    assert load_images("cifar100", root).shape == (6, 3, 32, 32)
+    assert load_images("svhn:test", root).shape == (2, 3, 32, 32)
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: _Response(b"<html>" * 40))
+    with pytest.raises(DataError, match="not a valid release .*not a MATLAB v5 .mat file"):
+        data.download("svhn", tmp_path / "other")
+    assert list((tmp_path / "other" / "svhn").iterdir()) == []
+
+
+def _celeba(root):
+    (root / "celeba").mkdir(parents=True, exist_ok=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 8)]
+    files = {f"img_align_celeba/{n}": _jpeg(_rgb(218, 178)) for n in reversed(names)}
+    files["img_align_celeba/000004.jpg"] = _jpeg(_rgb(100, 100))  # another size: the split is filtered, then read
+    _zip(root / releases.CELEBA_ZIP, files)
+    parts = [0, 0, 1, 2, 0, 2, 1]
+    (root / releases.CELEBA_PARTITION).write_text("".join(f"{n} {p}\n" for n, p in zip(names, parts)))
+
+
+def test_celeba_splits_follow_the_partition_list(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="CelebA has no plain download URL .*img_align_celeba.zip and "
+                                        "list_eval_partition.txt from https://mmlab") as info:
+        data.download("celeba", root)
+    assert str(root / "celeba" / "img_align_celeba.zip") in str(info.value) and "\n" not in str(info.value)
+    assert str(root / "celeba" / "list_eval_partition.txt") in str(info.value)
+    with pytest.raises(DataError, match="CelebA has no plain download URL"):
+        load_images("celeba", root)
+    _celeba(root)
+    monkeypatch.setattr(data.urllib.request, "urlopen", None)  # nothing is fetched when both files are there
+    assert data.download("celeba", root) == [root / releases.CELEBA_ZIP, root / releases.CELEBA_PARTITION]
+    assert open_collection("celeba", root).members == ["000001.jpg", "000002.jpg", "000005.jpg"]
+    assert data.image_sources("celeba:valid", 9, root) == ["000003.jpg", "000007.jpg"]
+    assert data.image_sources("celeba:test[1:]", 9, root) == ["000006.jpg"]
+    assert load_images("celeba", root).shape == (3, 3, 218, 178)
+    assert load_images("celeba:test", root, shape=(3, 64, 64)).shape == (2, 3, 64, 64)
+    assert str(data.parse_spec("celeba:valid")) == "celeba:valid"
+    with pytest.raises(DataError, match="celeba has no labels"):
+        data.load_labels("celeba", root)
+    with pytest.raises(DataError, match="use celeba:train or celeba:valid or celeba:test"):
+        load_images("celeba:val", root)
+    (root / releases.CELEBA_PARTITION).write_text("000001.jpg train\n")
+    with pytest.raises(DataError, match="line 1 of .*list_eval_partition.txt is not 'NAME.jpg 0|1|2'"):
+        load_images("celeba", root)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_mat_reader_casts_matlab_storage_to_the_class(tmp_path, order):
+    """MATLAB stores a double matrix of small integers as bytes (SVHN's y) and packs a short name in a small element;
+    a big-endian file says MI. Written here by hand, checked against scipy.io.loadmat(mat_dtype=True)."""
+    import scipy.io
+
+    from dgmood.data.matfile import read_mat
+
+    def element(kind, data):
+        return struct.pack(order + "II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
+
+    values = np.array([10, 1, 7], np.uint8)
+    body = (element(6, struct.pack(order + "II", 6, 0))  # array flags: mxDOUBLE_CLASS
+            + element(5, struct.pack(order + "ii", 3, 1))  # dimensions (3, 1)
+            + struct.pack(order + "HH", 1, 1) + b"y\0\0\0"  # small element: miINT8 name "y"
+            + element(2, values.tobytes()))  # real part stored as miUINT8
+    header = b"MATLAB 5.0 MAT-file, hand-made".ljust(116) + b"\0" * 8 + struct.pack(order + "H", 0x0100) + \
+        (b"IM" if order == "<" else b"MI")
+    (tmp_path / "h.mat").write_bytes(header + element(14, body))
+    got = read_mat(tmp_path / "h.mat")["y"]
+    reference = scipy.io.loadmat(tmp_path / "h.mat", mat_dtype=True)["y"]
+    assert got.dtype == np.float64 and got.shape == (3, 1) and got.ravel().tolist() == [10.0, 1.0, 7.0]
+    np.testing.assert_array_equal(got, reference)

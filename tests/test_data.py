@@ -213,8 +213,9 @@ def test_download_failures_leave_no_file(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="not a valid IDX file"):
         data.download("mnist", tmp_path)
     assert list((tmp_path / "mnist").iterdir()) == []
-    with pytest.raises(DataError, match="the named datasets are fashion-mnist, mnist, cifar10, tiny-imagenet"):
-        data.download("svhn", tmp_path)
+    with pytest.raises(DataError, match="the named datasets are fashion-mnist, mnist, cifar10, tiny-imagenet, "
+                                        "cifar100, svhn, celeba"):
+        data.download("stl10", tmp_path)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -375,9 +376,9 @@ def test_parse_and_describe():
 
 
 def test_unknown_and_bad_specs(tmp_path):
-    msg = _err("svhn", "unknown dataset 'svhn'")
-    for phrase in ("fashion-mnist", "mnist", "cifar10", "tiny-imagenet", "uniform", "gaussian", "constant", ".npy",
-                   ".npz", "-ubyte", ".zip", ".tar.gz"):
+    msg = _err("stl10", "unknown dataset 'stl10'")
+    for phrase in ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "celeba", "uniform",
+                   "gaussian", "constant", ".npy", ".npz", "-ubyte", ".zip", ".tar.gz"):
         assert phrase in msg
     _err("mnist:val", "unknown split 'val' for mnist; use mnist:train or mnist:test")
     _err("mnist[::2]", r"bad slice .*\[start:stop\]")

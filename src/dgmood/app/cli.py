@@ -152,13 +152,15 @@ def data():
 
 
 @data.command("download")
-@click.argument("name", type=click.Choice(["fashion-mnist", "mnist", "cifar10", "tiny-imagenet"]))
+@click.argument("name", type=click.Choice(["fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet",
+                                           "celeba"]))
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Target folder [default: $DGMOOD_DATA, else ~/.cache/dgmood/data].")
 @_clean_errors
 def data_download(name, data_dir):
-    """Fetch the official files of NAME into the data folder: IDX files (fashion-mnist, mnist), CIFAR-10's binary
-    release, Tiny ImageNet's zip."""
+    """Fetch the official files of NAME into the data folder: IDX files (fashion-mnist, mnist), CIFAR-10's and
+    CIFAR-100's binary releases, SVHN's train/test .mat files, Tiny ImageNet's zip. CelebA has no plain URL: this
+    says where to get its two files and where to put them."""
     from dgmood.data import datasets as datasets
 
     paths = datasets.download(name, datasets.resolve_data_dir(data_dir))
@@ -175,7 +177,8 @@ def _train_options(fn):
     net, tr, feat = NetConfig(), TrainConfig(), FeatureConfig()
     options = [
         click.option("--data", "data_spec", default="fashion-mnist",
-                     help="In-distribution training set: a name (fashion-mnist, mnist, cifar10), a slice like "
+                     help="In-distribution training set: a name (fashion-mnist, mnist, cifar10, cifar100, svhn, "
+                          "celeba), a slice like "
                           "mnist[:8000], a .npy/.npz/IDX file, a folder of images (read recursively) or a "
                           ".zip/.tar/.tar.gz archive of images."),
         click.option("--image-size", default=None, show_default=False, metavar="N|HxW",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_N",
     "DEFAULT_SHAPE",
     "DEFAULT_SPLITS",
+    "ARRAY_SETS",
     "SPLITS",
     "SYNTHETIC",
     "URLS",
@@ -73,16 +75,24 @@ SPLITS = ("train", "test")
 """Splits of the named datasets; ``test`` is stored in the ``t10k-*`` files."""
 
 DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("train",), "mnist": ("train", "test"),
-                                              "cifar10": ("train",), "tiny-imagenet": ("val",)}
+                                              "cifar10": ("train",), "tiny-imagenet": ("val",),
+                                              "cifar100": ("train",), "svhn": ("train",), "celeba": ("train",)}
 """Default split per dataset: the first listed whose image file exists (else the first)."""
 
 PHOTO_SETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     "cifar10": {"train": (("cifar10/cifar10-train.zip", ""),), "test": (("cifar10/cifar10-test.zip", ""),)},
     "tiny-imagenet": {"val": (("tiny-imagenet/tiny-imagenet-val.zip", ""),
                               ("tiny-imagenet/tiny-imagenet-200.zip", "tiny-imagenet-200/val/images/"))},
+    "celeba": {split: (("celeba/img_align_celeba.zip", "img_align_celeba/"),)
+               for split in ("train", "valid", "test")},
 }
 """Named photograph sets: split → the archives that hold it, in order of preference, as (path in the data folder,
-member prefix). CIFAR-10 is also read from the official binary release (:mod:`dgmood.data.releases`)."""
+member prefix). CIFAR-10 is also read from the official binary release (:mod:`dgmood.data.releases`); CelebA's
+one zip holds every split, each restricted to the images ``list_eval_partition.txt`` puts in it."""
+
+ARRAY_SETS: dict[str, tuple[str, ...]] = {"cifar100": ("train", "test"), "svhn": ("train", "test", "extra")}
+"""Named photograph sets read only from their official releases as arrays (:mod:`dgmood.data.releases`): name →
+splits."""
 
 SYNTHETIC = ("uniform", "gaussian", "constant")
 """Synthetic OOD sets (MSMA appendix A.1)."""
@@ -109,8 +119,9 @@ _NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxEr
               zipfile.BadZipFile, zlib.error)
 _SLICE_RE = re.compile(r"^(?P<base>.*)\[\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*\]$")
 _FORMS = (
-    "use fashion-mnist[:train|:test], mnist[:train|:test], cifar10[:train|:test], tiny-imagenet, uniform, gaussian, "
-    "constant, or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file, a folder of images "
+    "use fashion-mnist[:train|:test], mnist[:train|:test], cifar10[:train|:test], cifar100[:train|:test], "
+    "svhn[:train|:test|:extra], tiny-imagenet, celeba[:train|:valid|:test], uniform, gaussian, constant, "
+    "or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file, a folder of images "
     "(read recursively) or a .zip/.tar/.tar.gz archive of images"
 )
 
@@ -328,7 +339,7 @@ def _parse_named(base: str) -> Spec | None:
         return Spec("synthetic", name)
     if name not in DEFAULT_SPLITS:
         return None
-    splits = tuple(PHOTO_SETS[name]) if name in PHOTO_SETS else SPLITS
+    splits = tuple(PHOTO_SETS[name]) if name in PHOTO_SETS else ARRAY_SETS.get(name, SPLITS)
     if sep and split not in splits:
         raise DataError(f"unknown split '{split}' for {name}; use {' or '.join(f'{name}:{p}' for p in splits)}")
     fixed = DEFAULT_SPLITS[name][0] if len(DEFAULT_SPLITS[name]) == 1 else None
@@ -352,10 +363,11 @@ def parse_spec(spec: str | os.PathLike | Spec) -> Spec:
     """Parse a dataset SPEC string.
 
     Grammar: ``BASE[start:stop]`` where the optional python-style slice (no step) selects images and
-    BASE is ``fashion-mnist[:train|:test]``, ``mnist[:train|:test]``, ``uniform``, ``gaussian``,
-    ``constant``, or a path: ``x.npy``, ``x.npz`` / ``x.npz:KEY``, an IDX ``*-ubyte[.gz]`` file or a
-    folder of PNG/JPEG images. Names win over paths (write ``./mnist`` for a folder called mnist);
-    paths are recognised by existing on disk or by extension.
+    BASE is ``fashion-mnist[:train|:test]``, ``mnist[:train|:test]``, ``cifar10[:train|:test]``,
+    ``cifar100[:train|:test]``, ``svhn[:train|:test|:extra]``, ``tiny-imagenet``, ``celeba[:train|:valid|:test]``,
+    ``uniform``, ``gaussian``, ``constant``, or a path: ``x.npy``, ``x.npz`` / ``x.npz:KEY``, an IDX
+    ``*-ubyte[.gz]`` file or a folder of PNG/JPEG images. Names win over paths (write ``./mnist`` for a folder
+    called mnist); paths are recognised by existing on disk or by extension.
 
     Args:
         spec: the SPEC (a :class:`Spec` is returned unchanged).
@@ -430,12 +442,13 @@ def download(
 ) -> list[Path]:
     """Fetch a named dataset's missing files from its official location.
 
-    FashionMNIST and MNIST: the IDX images and labels of every split (:data:`URLS`); CIFAR-10: its binary release;
-    Tiny ImageNet: its zip (:mod:`dgmood.data.releases`). Each file is written to a temporary file in the same
-    folder, checked (as IDX, as the release's format), then renamed.
+    FashionMNIST and MNIST: the IDX images and labels of every split (:data:`URLS`); CIFAR-10 and CIFAR-100: their
+    binary releases; SVHN: ``train_32x32.mat`` and ``test_32x32.mat``; Tiny ImageNet: its zip
+    (:mod:`dgmood.data.releases`). Each file is written to a temporary file in the same folder, checked (as IDX, as
+    the release's format), then renamed. CelebA has no plain URL: its two files must be put there by hand.
 
     Args:
-        name: ``fashion-mnist``, ``mnist``, ``cifar10`` or ``tiny-imagenet``.
+        name: ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``tiny-imagenet`` or ``celeba``.
         data_dir: see :func:`resolve_data_dir`; files go to ``data_dir/name/``.
         force: fetch even files that exist.
         log: called with one line per file fetched (e.g. ``click.echo``).
@@ -444,7 +457,7 @@ def download(
         The paths of all the dataset's files.
 
     Raises:
-        DataError: unknown name, unwritable folder, network failure or a bad download.
+        DataError: unknown name, unwritable folder, network failure, a bad download, or CelebA's files missing.
     """
     name = _dataset_name(name)
     folder = resolve_data_dir(data_dir) / name
@@ -453,8 +466,8 @@ def download(
     except OSError as e:
         msg = f"cannot create {folder} ({e.strerror or e}); choose a writable data dir with ${DATA_ENV}"
         raise DataError(msg) from None
-    if name in PHOTO_SETS:
-        return [_download_release(name, folder, force, log)]
+    if name in PHOTO_SETS or name in ARRAY_SETS:
+        return _download_release(name, folder, force, log)
     paths = [folder / _file_name(split, what) for split in SPLITS for what in ("images", "labels")]
     for path in paths:
         if force or not (path.is_file() or path.with_suffix("").is_file()):
@@ -462,15 +475,23 @@ def download(
     return paths
 
 
-def _download_release(name: str, folder: Path, force: bool, log: Callable[[str], None] | None) -> Path:
-    """The official release of a photograph set in ``folder`` (fetched when missing or ``force``)."""
+def _download_release(name: str, folder: Path, force: bool, log: Callable[[str], None] | None) -> list[Path]:
+    """The official release files of a photograph set in ``folder`` (fetched when missing or ``force``); CelebA's
+    only when both are already there."""
     from dgmood.data import releases
 
-    url = releases.CIFAR10_URL if name == "cifar10" else releases.TINY_IMAGENET_URL
-    path = folder / url.rsplit("/", 1)[1]
-    if force or not path.is_file():
-        _fetch(url, path, log, lambda p: releases.check_release(name, Path(p)), "release")
-    return path
+    if name == "celeba":
+        paths = [folder.parent / releases.CELEBA_ZIP, folder.parent / releases.CELEBA_PARTITION]
+        if not all(p.is_file() for p in paths):
+            raise DataError(releases.celeba_missing(folder.parent))
+        return paths
+    paths = []
+    for url in releases.RELEASE_URLS[name]:
+        path = folder / url.rsplit("/", 1)[1]
+        if force or not path.is_file():
+            _fetch(url, path, log, lambda p: releases.check_release(name, Path(p)), "release")
+        paths.append(path)
+    return paths
 
 
 def _fetch(url: str, dest: Path, log: Callable[[str], None] | None, check: Callable[[str], object] = read_idx,
@@ -550,8 +571,24 @@ def open_collection(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike 
         return list_collection(Path(s.name).expanduser())
     if s.kind == "named" and s.name in PHOTO_SETS:
         found = _photo_archive(s, data_dir)
-        return None if found is None else list_collection(*found)
+        if found is None:
+            return None
+        collection = list_collection(*found)
+        return _celeba_split(collection, s, data_dir) if s.name == "celeba" else collection
     return None
+
+
+def _celeba_split(collection: Collection, s: Spec, data_dir: str | os.PathLike | None) -> Collection:
+    """CelebA's zip restricted to the images ``list_eval_partition.txt`` puts in the spec's split (sorted order)."""
+    from dgmood.data import releases
+
+    split = _resolve_split(s, data_dir)
+    names = releases.celeba_files(resolve_data_dir(data_dir), split)
+    members = [m for m in collection.members if m in names]
+    if not members:
+        raise DataError(f"{collection.path} has none of the {len(names)} images list_eval_partition.txt puts in "
+                        f"celeba:{split}; get both files from {releases.CELEBA_PAGE} again")
+    return dataclasses.replace(collection, members=members)
 
 
 def _photo_archive(s: Spec, data_dir: str | os.PathLike | None) -> tuple[Path, str] | None:
@@ -565,6 +602,8 @@ def _photo_archive(s: Spec, data_dir: str | os.PathLike | None) -> tuple[Path, s
             return root / relative, prefix
     if s.name == "cifar10" and releases.cifar10_binary_path(root).is_file():
         return None
+    if s.name == "celeba":
+        raise DataError(releases.celeba_missing(root))
     first = root / PHOTO_SETS[s.name][split][0][0]
     raise DataError(f"{s.name} {split} not found: put {first.name} at {first}, "
                     f"or run `dgmood data download {s.name}`")
@@ -655,11 +694,10 @@ def _load_collection(collection: Collection, s: Spec, policy: ImagePolicy, n: in
 
 def _raw_images(s: Spec, data_dir: str | os.PathLike | None) -> np.ndarray:
     """The whole set before slicing, of a set held as an array: uint8 or float, (N, H, W) or (N, H, W, C)."""
-    if s.kind == "named" and s.name in PHOTO_SETS:
+    if s.kind == "named" and (s.name in PHOTO_SETS or s.name in ARRAY_SETS):
         from dgmood.data import releases
 
-        return releases.read_cifar10_binary(releases.cifar10_binary_path(resolve_data_dir(data_dir)),
-                                            _resolve_split(s, data_dir))[0]
+        return releases.read_release(s.name, resolve_data_dir(data_dir), _resolve_split(s, data_dir))[0]
     if s.kind == "named":
         return read_idx(_named_path(s, "images", data_dir))
     path = Path(s.name).expanduser()
@@ -885,7 +923,8 @@ def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | No
     """Class labels of a named dataset, with the same split and slice rules as :func:`load_images`.
 
     CIFAR-10's labels are its class folders in sorted order (airplane 0 … truck 9, as the official release numbers
-    them) or the binary release's label bytes; Tiny ImageNet's validation images have none here.
+    them) or the binary release's label bytes; CIFAR-100's its fine labels (0–99); SVHN's its digits (0–9, the
+    files' 10 being 0); Tiny ImageNet's validation images and CelebA have none here.
 
     Args:
         spec: SPEC of a named dataset, e.g. ``mnist[:8000]``.
@@ -898,9 +937,15 @@ def load_labels(spec: str | os.PathLike | Spec, data_dir: str | os.PathLike | No
         DataError: not a named dataset, missing or corrupt labels file, bad slice.
     """
     s = parse_spec(spec)
-    if s.kind != "named" or s.name == "tiny-imagenet":
-        raise DataError(f"{describe(s)} has no labels; labels exist only for {', '.join(URLS)}, cifar10")
-    labels = _photo_labels(s, data_dir) if s.name in PHOTO_SETS else read_idx(_named_path(s, "labels", data_dir))
+    if s.kind != "named" or s.name in ("tiny-imagenet", "celeba"):
+        raise DataError(f"{describe(s)} has no labels; labels exist only for {', '.join(URLS)}, cifar10, cifar100, "
+                        "svhn")
+    if s.name in ARRAY_SETS:
+        from dgmood.data import releases
+
+        labels = releases.read_release(s.name, resolve_data_dir(data_dir), _resolve_split(s, data_dir))[1]
+    else:
+        labels = _photo_labels(s, data_dir) if s.name in PHOTO_SETS else read_idx(_named_path(s, "labels", data_dir))
     if labels.ndim != 1:
         raise DataError(f"{s.name} labels have shape {labels.shape}, expected (N,); the file is corrupt, get it again")
     start, stop = _bounds(len(labels), s)
