@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from dgmood.data.errors import DataError
 from dgmood.data.images import IMAGE_EXTENSIONS, BadImage
 
 __all__ = ["ARCHIVE_SUFFIXES", "MAX_MEMBER_BYTES", "Collection", "archive_kind", "list_collection"]
@@ -115,8 +116,6 @@ def list_collection(path: str | os.PathLike, prefix: str = "") -> Collection:
     Raises:
         DataError: missing, unreadable or corrupt folder/archive, or one without a single image.
     """
-    from dgmood.data.datasets import DataError
-
     path = Path(path).expanduser()
     kind = "folder" if path.is_dir() else archive_kind(path)
     if kind is None or not path.exists():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
 import os
 import re
 import shutil
@@ -22,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from dgmood.data.collection import Collection, archive_kind, list_collection
+from dgmood.data.errors import DataError
+from dgmood.data.idx import read_idx, write_idx
 from dgmood.data.images import DEFAULT_RESIZE, BadImage, ImagePolicy, fit_array, header
 from dgmood.data.stream import DEFAULT_CHUNK, Chunk, stream_collection
 
@@ -104,15 +104,6 @@ DEFAULT_SHAPE = (1, 28, 28)
 """(C, H, W) of a synthetic set when no ``shape`` is given."""
 
 _STEMS = {"train": "train", "test": "t10k"}
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
 # what np.load (allow_pickle=False) and reading an .npz member raise on a damaged file: numpy's header parser
 # lets SyntaxError / tokenize.TokenError escape, zipfile raises RuntimeError (encrypted) and NotImplementedError
 _NP_ERRORS = (ValueError, OSError, EOFError, MemoryError, RuntimeError, SyntaxError, tokenize.TokenError,
@@ -124,10 +115,6 @@ _FORMS = (
     "or a path to a .npy file, a .npz file (x.npz:KEY), an IDX *-ubyte[.gz] file, a folder of images "
     "(read recursively) or a .zip/.tar/.tar.gz archive of images"
 )
-
-
-class DataError(ValueError):
-    """A bad data spec, file or value; the message is one line naming the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -206,91 +193,6 @@ def _dataset_name(name: str) -> str:
     if key in DEFAULT_SPLITS:
         return key
     raise DataError(f"unknown dataset '{name}'; the named datasets are {', '.join(DEFAULT_SPLITS)}")
-
-
-# ----------------------------------------------------------------------------- IDX files
-
-
-def _read_bytes(path: Path) -> bytes:
-    """File content, gunzipped when it starts with the gzip magic."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; check the path") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror or e}); check that it is a readable file") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is a truncated or corrupt gzip file ({e}); download or copy it again") from None
-
-
-def _idx_header(buf: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, dims, data offset) from an IDX header, validated against the buffer size."""
-    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0:
-        raise DataError(f"{path} is not an IDX file (bad magic number); give an IDX *-ubyte[.gz] file")
-    dtype, ndim = _IDX_DTYPES.get(buf[2]), buf[3]
-    if dtype is None:
-        raise DataError(f"{path} has unknown IDX type code 0x{buf[2]:02x}; the file is corrupt, get it again")
-    offset = 4 + 4 * ndim
-    if ndim == 0 or len(buf) < offset:
-        raise DataError(f"{path} has a truncated or corrupt IDX header; download or copy it again")
-    dims = tuple(int(d) for d in np.frombuffer(buf, ">u4", ndim, 4))
-    expected = offset + math.prod(dims) * dtype.itemsize  # Python ints: no int64 wrap-around
-    if len(buf) != expected:
-        what = "truncated" if len(buf) < expected else "corrupt (trailing bytes)"
-        raise DataError(
-            f"{path} is {what}: its header says {dims} = {expected} bytes but it has {len(buf)}; "
-            "download or copy it again"
-        )
-    return dtype, dims, offset
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not.
-
-    Args:
-        path: the file; gzip is detected from its content.
-
-    Returns:
-        A writable array in native byte order with the header's dims, e.g. (N, H, W) uint8 for images,
-        (N,) uint8 for labels.
-
-    Raises:
-        DataError: missing, unreadable, truncated or corrupt file (the message names it).
-    """
-    path = Path(path)
-    buf = _read_bytes(path)
-    dtype, dims, offset = _idx_header(buf, path)
-    try:
-        arr = np.frombuffer(buf, dtype, offset=offset).reshape(dims)
-    except ValueError as e:  # an empty array whose other dims are too big for numpy
-        raise DataError(f"{path} has impossible IDX dims {dims} ({e}); the file is corrupt, get it again") from None
-    return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write an array as an IDX file, gzipped when the name ends in ``.gz``.
-
-    Args:
-        path: destination.
-        array: uint8, int8, int16, int32, float32 or float64 array with at least one dim.
-
-    Returns:
-        The path written.
-    """
-    path, array = Path(path), np.asarray(array)
-    code = _IDX_CODES.get(array.dtype.newbyteorder("="))
-    if code is None or array.ndim == 0:
-        raise DataError(
-            f"cannot write {array.dtype} array of ndim {array.ndim} as IDX; use uint8 or float32 with ndim >= 1"
-        )
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    data = header + np.ascontiguousarray(array, _IDX_DTYPES[code]).tobytes()
-    path.write_bytes(gzip.compress(data, compresslevel=6) if path.name.endswith(".gz") else data)
-    return path
 
 
 # ----------------------------------------------------------------------------- SPEC grammar

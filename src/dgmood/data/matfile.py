@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dgmood.data.errors import DataError
+
 __all__ = ["MAX_VARIABLE_BYTES", "read_mat"]
 
 MAX_VARIABLE_BYTES = 8 << 30
@@ -33,8 +35,6 @@ _COMPLEX = 0x0800
 
 
 def _error(message: str):
-    from dgmood.data.datasets import DataError
-
     return DataError(message)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dgmood.data.errors import DataError
+
 __all__ = ["CELEBA_PAGE", "CELEBA_PARTITION", "CELEBA_SPLITS", "CELEBA_ZIP", "CIFAR100_BINARY", "CIFAR100_URL",
            "CIFAR10_BINARY", "CIFAR10_URL", "RECORD_BYTES", "RELEASE_URLS", "SVHN_FILES", "SVHN_URL",
            "TINY_IMAGENET_URL", "celeba_files", "celeba_missing", "check_release", "cifar10_binary_path",
@@ -87,8 +89,6 @@ def cifar10_binary_path(data_dir: Path) -> Path:
 def _records(raw: bytes, name: str, labels: int = 1, label: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 32, 32, 3) uint8, labels (N,) int64) of one batch file's bytes: records of ``labels`` label
     bytes (the one kept is byte ``label``) and an image."""
-    from dgmood.data.datasets import DataError
-
     size = labels + 3 * 32 * 32
     if len(raw) == 0 or len(raw) % size:
         raise DataError(f"{name} has {len(raw)} bytes, not a whole number of {size}-byte CIFAR records; "
@@ -133,8 +133,6 @@ def read_cifar100_binary(path: Path, split: str) -> tuple[np.ndarray, np.ndarray
 def _read_batches(path: Path, names: list[str], what: str, labels: int) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 32, 32, 3) uint8, labels (N,) int64) of the batch files ``names`` of a CIFAR binary release whose
     records start with ``labels`` label bytes (the last one is kept: CIFAR-100's fine label)."""
-    from dgmood.data.datasets import DataError
-
     parts = []
     try:
         with tarfile.open(path, "r:*") as tf:
@@ -193,7 +191,6 @@ def read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         DataError: a missing, truncated or corrupt file, or one without SVHN's ``X`` and ``y``.
     """
-    from dgmood.data.datasets import DataError
     from dgmood.data.matfile import read_mat
 
     found = read_mat(path, ("X", "y"))
@@ -218,8 +215,6 @@ def release_path(name: str, data_dir: Path, split: str) -> Path:
 def read_release(name: str, data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 32, 32, 3) uint8, labels (N,) int64) of a split of the release of ``cifar10``, ``cifar100`` or
     ``svhn`` in the data folder ``data_dir``; DataError saying where to put it when it is missing."""
-    from dgmood.data.datasets import DataError
-
     path = release_path(name, data_dir, split)
     if not path.is_file():
         url = SVHN_URL + path.name if name == "svhn" else RELEASE_URLS[name][0]
@@ -241,8 +236,6 @@ def celeba_missing(data_dir: Path) -> str:
 def celeba_files(data_dir: Path, split: str) -> set[str]:
     """The image names (``000001.jpg``) of a CelebA split (``train``, ``valid``, ``test``), from the data folder's
     ``list_eval_partition.txt``; DataError when it is missing or not in the official format."""
-    from dgmood.data.datasets import DataError
-
     path = Path(data_dir) / CELEBA_PARTITION
     try:
         text = path.read_text("ascii")
@@ -266,8 +259,6 @@ def celeba_files(data_dir: Path, split: str) -> set[str]:
 def check_release(name: str, path: Path) -> None:
     """DataError unless ``path`` is a readable release file of ``name`` (``cifar10``, ``cifar100``, ``svhn`` or
     ``tiny-imagenet``)."""
-    from dgmood.data.datasets import DataError
-
     if name in ("cifar10", "cifar100"):
         (read_cifar10_binary if name == "cifar10" else read_cifar100_binary)(path, "test")
         return
