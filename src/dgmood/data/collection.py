@@ -8,6 +8,7 @@ skipped and counted. Nothing is extracted to disk.
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 import zipfile
@@ -97,6 +98,13 @@ def _folder_names(path: Path) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=16)
+def _archive_index(path: str, kind: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    """:func:`_archive_names`, read once per archive version (a .tar.gz is listed by decompressing it whole:
+    ``predict`` checks a set's listing before streaming it, and must not pay that pass twice)."""
+    return tuple(_archive_names(Path(path), kind))
+
+
 def _archive_names(path: Path, kind: str) -> list[str]:
     """Names of the file entries of an archive (zip: in any order; tar: in stored order)."""
     if kind == "zip":
@@ -122,7 +130,11 @@ def list_collection(path: str | os.PathLike, prefix: str = "") -> Collection:
         raise DataError(f"{path} does not exist; check the path") if not path.exists() else \
             DataError(f"{path} is neither a folder nor a .zip/.tar/.tar.gz archive; give one of those")
     try:
-        names = _folder_names(path) if kind == "folder" else _archive_names(path, kind)
+        if kind == "folder":
+            names = _folder_names(path)
+        else:
+            stat = path.stat()
+            names = list(_archive_index(str(path.resolve()), kind, stat.st_mtime_ns, stat.st_size))
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as err:
         raise DataError(f"cannot read {path} ({err}); it is truncated or corrupt, copy or download it again") from None
     members, skipped = _sift(names, prefix)
