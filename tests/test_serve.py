@@ -466,6 +466,10 @@ def test_info_docs_and_the_openapi_schema(client, bundle):
         "score", "in_distribution", "reasons", "threshold", "detector", "model_sha256"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "openapi.json" in docs.text
+    assets = [part.split('"')[0] for part in docs.text.split('="')[1:] if part.startswith("/docs/assets/")]
+    assert len(assets) == 3 and "cdn" not in docs.text  # script, style and icon from this server, none from a CDN
+    for asset in assets:
+        assert client.get(asset).status_code == 200 and len(client.get(asset).content) > 500
     page = client.get("/")
     assert page.status_code == 200 and "http://" not in page.text and "https://" not in page.text
 

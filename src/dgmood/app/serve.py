@@ -283,12 +283,23 @@ def _add_error_handlers(app) -> None:
 
 
 def _add_docs(app) -> None:
-    """``GET /docs``: Swagger UI over ``/openapi.json`` (its script and style from the Swagger UI CDN)."""
+    """``GET /docs``: Swagger UI (version 5: it renders FastAPI's OpenAPI 3.1) over ``/openapi.json``, its script
+    and style served from the ``fastapi-offline`` package's copy under ``/docs/assets`` (no CDN: the page works on
+    a closed network)."""
+    from importlib import resources
+
     from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    assets = resources.files("fastapi_offline") / "static"
+    app.mount("/docs/assets", StaticFiles(directory=str(assets)), name="swagger-ui")
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="dgmood serve: API")
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="dgmood serve: API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon.png")
 
 
 def _version() -> str:
