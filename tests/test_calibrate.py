@@ -9,8 +9,9 @@ import torch
 
 from dgmood.statistics.calibrate import (
     CALIBRATION_POINTS, Calibration, bisect_log, calibrate_sigma0, calibrate_tau, calibration_points,
-    mean_lid_at_tau, target_lid,
+    first_crossing, mean_lid_at_tau, target_lid,
 )
+from dgmood.statistics.flipd import calibrate_flipd
 from dgmood.models.diffusion import flipd
 from dgmood.statistics.lpca import mean_lpca
 from dgmood.data.toy import embedded_gaussian
@@ -217,6 +218,37 @@ def test_calibrate_sigma0_rejects_an_unbracketed_target():
     x = g.sample(10, seed=0)
     with pytest.raises(ValueError, match="lower lo"):  # at σ₀ ≥ 1e-2 the mean LID is ≤ d < 12
         calibrate_sigma0(lambda s: flipd(g, x, s, exact=True).mean().item(), 12.0, 1e-2, 10.0)
+
+
+class RisingAtLargeSigma(ThickGaussian):
+    """The exact score up to σ = 0.5, a tenth of it above: FLIPD's mean LID falls to ~0 and rises again to ~0.9 D,
+    like a trained network's on CIFAR-10, least accurate at large σ."""
+
+    def __call__(self, x, sigma):
+        score = super().__call__(x.double(), sigma.double()) * torch.where(sigma < 0.5, 1.0, 0.1).view(-1, 1, 1, 1)
+        return score.to(x.dtype)
+
+
+def test_first_crossing_scans_up_from_lo_past_a_dip():
+    dip = lambda x: 10.0 - 9.0 * math.exp(-math.log(x) ** 2)  # noqa: E731  # 10 at both ends, 1 at x = 1
+    a, b = first_crossing(dip, 5.0, 1e-3, 1e3, points=13)
+    assert a < b and dip(a) > 5.0 >= dip(b) and b <= 1.0
+    assert first_crossing(dip, 0.5, 1e-3, 1e3) is None
+    assert first_crossing(lambda x: 0.0, 1.0, 1e-3, 1.0) == (1e-3, 1e-3)
+    with pytest.raises(ValueError, match="lo < hi"):
+        first_crossing(dip, 1.0, 1.0, 0.5)
+
+
+def test_calibrate_flipd_finds_the_first_crossing_when_the_curve_rises_again():
+    # Both ends of FLIPD's bracket are above the target (the case of RGB images, issue 27): the first crossing from
+    # small σ₀ is returned, below where the score goes wrong, with the target reached; nothing clamped.
+    g = RisingAtLargeSigma()
+    x = g.sample(CALIBRATION_POINTS, seed=0)
+    ends = [flipd(g, x, s, exact=True).mean().item() for s in (1.6e-3, 76.0)]
+    assert min(ends) > 2.0
+    result = calibrate_flipd(g, x.float().numpy(), 2.0, probes=4)
+    assert "clamped" not in result and result["value"] < 0.5
+    assert abs(result["achieved"] - 2.0) <= 0.5
 
 
 # --- target, points, record ---------------------------------------------------------------------------------------

@@ -39,8 +39,18 @@ def photo_run(tmp_path_factory, data_dir):
 def test_run_records_the_size_and_policy(photo_run):
     config = json.loads((photo_run[1] / "config.json").read_text())
     assert config["net"]["image_shape"] == [3, 32, 32] and config["resize"] == "crop"
+    assert config["train"]["hflip"] is True  # colour photographs train mirrored at random by default
     saved = json.loads((photo_run[1] / "detectors" / "msma-knn" / "detector.json").read_text())
     assert saved["resize"] == "crop" and saved["image_shape"] == [3, 32, 32]
+
+
+def test_grey_images_train_unmirrored_by_default(tmp_path, data_dir):
+    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--dry-run", "--data-dir", data_dir)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["train"]["hflip"] is False
+    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--hflip", "--dry-run",
+                    "--data-dir", data_dir)
+    assert json.loads(result.output)["train"]["hflip"] is True
 
 
 def test_64px_jpegs_scored_by_a_32px_model_through_predict(photo_run, data_dir):
@@ -90,6 +100,15 @@ def test_predict_streams_an_archive_in_chunks(photo_run, tmp_path, data_dir):
     scores = [float(r["score"]) for r in csv.DictReader(out.open())]
     det = dgmood.load(run, "msma-knn")
     np.testing.assert_allclose(scores, det.score(np.concatenate([c.images for c in chunks])), rtol=1e-5)
+
+
+def test_grey_images_train_unmirrored_by_default(tmp_path, data_dir):
+    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--dry-run", "--data-dir", data_dir)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["train"]["hflip"] is False
+    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--hflip", "--dry-run",
+                    "--data-dir", data_dir)
+    assert json.loads(result.output)["train"]["hflip"] is True
 
 
 def test_64px_jpegs_scored_by_a_32px_model_through_serve(photo_run, data_dir):

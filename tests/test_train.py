@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 import dgmood.models.train as train_mod
 from dgmood.models.checkpoint import META, STATE, WEIGHTS
 from dgmood.models.network import NetConfig, ScoreNet
-from dgmood.models.train import TrainConfig, _batch_indices, learning_rate, native_bf16, read_train_log, train
+from dgmood.models.train import (
+    TrainConfig, _batch_indices, learning_rate, native_bf16, random_hflip, read_train_log, train,
+)
 
 M, S = 0.5, 0.1  # pixels i.i.d. N(M, S²)
 SMALL = NetConfig(image_shape=(1, 8, 8), channels=(8, 16), emb_dim=8)
@@ -64,10 +66,11 @@ def _tensors(directory):
     return load_file(str(directory / WEIGHTS)), load_file(str(directory / STATE))
 
 
-def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hflip", [False, True])
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch, hflip):
     images = _gaussian_images(64)
     k = 4
-    cfg = TrainConfig(steps=2 * k, batch_size=16, warmup=2, checkpoint_every=k, seed=3)
+    cfg = TrainConfig(steps=2 * k, batch_size=16, warmup=2, checkpoint_every=k, seed=3, hflip=hflip)
 
     full = train(images, tmp_path / "full", SMALL, cfg, progress=False)
 
@@ -131,6 +134,16 @@ def test_fixed_seed_gives_identical_weights(tmp_path):
 
 
 # --- (d) learning-rate schedule --------------------------------------------------------------
+
+
+def test_random_hflip_mirrors_about_half_of_the_images_reproducibly():
+    batch = torch.rand(400, 3, 4, 5)
+    out = random_hflip(batch, torch.Generator().manual_seed(0))
+    same = (out == batch).flatten(1).all(1)
+    mirrored = (out == batch.flip(-1)).flatten(1).all(1)
+    assert torch.all(same ^ mirrored)  # each image either as it was or mirrored (random images are not symmetric)
+    assert 150 < int(mirrored.sum()) < 250
+    assert torch.equal(out, random_hflip(batch, torch.Generator().manual_seed(0)))
 
 
 def test_learning_rate_warmup_and_cosine_decay():

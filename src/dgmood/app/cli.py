@@ -209,6 +209,10 @@ def _train_options(fn):
         click.option("--perturb", type=click.FloatRange(0, 1), default=0.0,
                      help="Train a likelihood-ratio background model: each training pixel replaced by a random "
                           "8-bit level with this probability μ (Ren et al. 2019; 0.15 is their range's middle)."),
+        click.option("--hflip/--no-hflip", default=None,
+                     help="Mirror training images left-right at random, so a mirrored image scores as the original "
+                          "[default: on for colour images (photographs are mirrored all the time), off for grey ones "
+                          "(digits and letters are not)]."),
         click.option("--fit-n", type=click.IntRange(0), default=feat.fit_n,
                      help="Training images whose features fit the detectors (0 = all)."),
         click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
@@ -233,7 +237,7 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, channels, checkpoint_every, seed,
-                         amp, perturb, fit_n, image_size=None, resize=DEFAULT_RESIZE, **grid):
+                         amp, perturb, fit_n, image_size=None, resize=DEFAULT_RESIZE, hflip=None, **grid):
     from dgmood.data import datasets as datasets
     from dgmood.models.flow import FlowConfig
     from dgmood.models.network import NetConfig
@@ -254,7 +258,7 @@ def _config_from_options(run, data_spec, in_spec, model, steps, batch_size, lr, 
     return RunConfig(
         data=data_spec, in_test=in_spec, net=net,
         train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
-                          perturb=perturb, amp=amp),
+                          perturb=perturb, amp=amp, hflip=shape[0] == 3 if hflip is None else hflip),
         features=_grid(FeatureConfig(fit_n=fit_n), **grid), resize=resize,
     )
 

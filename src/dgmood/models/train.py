@@ -22,7 +22,8 @@ from dgmood.models.flow import ImageFlow
 from dgmood.models.losses import sample_sigmas
 from dgmood.models.registry import build_model, draw_inputs, per_image_loss, training_loss
 
-__all__ = ["TrainConfig", "default_amp", "ema_decay", "learning_rate", "native_bf16", "read_train_log", "train"]
+__all__ = ["TrainConfig", "default_amp", "ema_decay", "learning_rate", "native_bf16", "random_hflip", "read_train_log",
+           "train"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TrainConfig:
             trains in fp32 (its log-determinants sum thousands of terms).
         perturb: Pixel perturbation rate μ of a likelihood-ratio background model (Ren et al. 2019): each
             pixel of each training batch is replaced by a uniform 8-bit level with probability μ; 0 = off.
+        hflip: Mirror each training image left-right with probability 1/2 (drawn from the run's generator, so a
+            resumed run sees the same batches): the model then treats a mirrored photograph as the original.
     """
 
     steps: int = 2000
@@ -61,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     perturb: float = 0.0
     amp: bool = False
+    hflip: bool = False
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -92,6 +96,12 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def _sigmas(n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     return sample_sigmas(n, cfg.sigma_min, cfg.sigma_max, focus_weight=cfg.focus_weight, generator=generator)
+
+
+def random_hflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` (N, C, H, W) with each image mirrored left-right with probability 1/2 (N draws from ``generator``)."""
+    flip = torch.rand(len(batch), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
 def _setup(net_config, cfg: TrainConfig, device: torch.device):
@@ -226,7 +236,8 @@ def train(
     window, t0, seen = [], time.perf_counter(), 0
     while step < cfg.steps:
         idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-        batch = perturb(data[idx], cfg.perturb, gen) if cfg.perturb > 0 else data[idx]
+        batch = random_hflip(data[idx], gen) if cfg.hflip else data[idx]
+        batch = perturb(batch, cfg.perturb, gen) if cfg.perturb > 0 else batch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with _autocast(model, cfg, device):

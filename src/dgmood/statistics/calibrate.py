@@ -31,6 +31,7 @@ __all__ = [
     "calibrate_sigma0",
     "calibrate_tau",
     "calibration_points",
+    "first_crossing",
     "mean_lid_at_tau",
     "target_lid",
 ]
@@ -258,6 +259,33 @@ def bisect_log(
             b, f_hi = m, f
     raise ValueError(f"no {name} within tol={tol:g} of {target:g} after {max_iter} bisections (bracket "
                      f"{math.exp(a):g}–{math.exp(b):g}, mean LID {f_lo:g}–{f_hi:g}); raise max_iter or tol")
+
+
+def first_crossing(
+    fn: Callable[[float], float], target: float, lo: float, hi: float, points: int = 13
+) -> tuple[float, float] | None:
+    """The first bracket [a, b] with fn(a) > target ≥ fn(b) on a log-spaced grid of ``points`` values from ``lo`` up
+    to ``hi``; (lo, lo) when fn(lo) ≤ target already; None when fn stays above the target on the whole grid.
+
+    FLIPD's mean LID falls from D as σ₀ grows, but a trained network's curve need not keep falling to 0: on CIFAR-10
+    (D = 3,072) it fell to ~120 at σ₀ ≈ 0.16 and rose again to ~1,000 at σ₀ ≥ 1, where the network is least accurate
+    (docs/results.md). The ends of a wide bracket are then both above the target; the crossing that FLIPD means,
+    the first one from small σ₀, is found by scanning up from ``lo``.
+
+    Arguments:
+        fn: x > 0 → a float, deterministic.
+        target: The value to cross.
+        lo, hi: The range scanned, 0 < lo < hi.
+        points: Grid size (fn is called at most this often).
+    """
+    if not 0 < lo < hi or points < 2:
+        raise ValueError(f"need 0 < lo < hi and points >= 2, got [{lo}, {hi}], points={points}")
+    previous = None
+    for x in np.geomspace(lo, hi, points):
+        if float(fn(float(x))) <= target:
+            return (float(x), float(x)) if previous is None else (previous, float(x))
+        previous = float(x)
+    return None
 
 
 def calibrate_sigma0(

@@ -33,15 +33,17 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
                     device="cpu", difference: float | None = None) -> dict:
     """FLIPD's σ₀ (pixel scale) whose mean LID over the calibration ``points`` (n, C, H, W) equals ``target``.
 
-    Bisection between the pixel σ of VP times 1e-4 and 1 (:func:`dgmood.statistics.calibrate.calibrate_sigma0`);
-    Hutchinson noise can make the curve locally non-monotone and bisection keeps a bracket, so the result is a
-    crossing of the target either way. Returns ``{"parameter": "sigma0", "value", "achieved"}``.
+    The first crossing from small σ₀ between the pixel σ of VP times 1e-4 and 1, bracketed on a log grid
+    (:func:`dgmood.statistics.calibrate.first_crossing`: on RGB images the mean LID rises again at large σ₀), then
+    bisected (:func:`dgmood.statistics.calibrate.calibrate_sigma0`); Hutchinson noise can make the curve locally
+    non-monotone and bisection keeps a bracket, so the result is a crossing of the target either way.
+    Returns ``{"parameter": "sigma0", "value", "achieved"}`` (and ``"clamped": True`` when nothing crossed).
     """
     import torch
 
     from dgmood.models.diffusion import flipd
     from dgmood.models.noise import t_to_sigma
-    from dgmood.statistics.calibrate import calibrate_sigma0
+    from dgmood.statistics.calibrate import calibrate_sigma0, first_crossing
 
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)
 
@@ -50,16 +52,17 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
         return float(flipd(model, x, sigma0, probes=probes, generator=gen, difference=difference).mean())
 
     lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
-    try:
-        value = calibrate_sigma0(mean_flipd, target, lo, hi, tol=0.5, check_monotone=False)
-    except ValueError as err:
-        if "at both ends" not in str(err):
-            raise
-        # no crossing in the bracket (an undertrained model): the end whose mean LID is nearer the target
-        value = min((lo, hi), key=lambda s: abs(mean_flipd(s) - target))
-        warnings.warn(f"FLIPD's σ₀ could not be calibrated ({err}); using σ₀ = {value:.4g}, the bracket's end nearest "
-                      "the target. The score model may be undertrained.", RuntimeWarning, stacklevel=2)
+    bracket = first_crossing(mean_flipd, target, lo, hi)
+    if bracket is None or bracket[0] == bracket[1]:
+        # no crossing (an undertrained model): the σ₀ of the grid whose mean LID is nearest the target
+        grid = np.geomspace(lo, hi, 13)
+        value = float(min(grid, key=lambda s: abs(mean_flipd(float(s)) - target)))
+        warnings.warn(f"FLIPD's σ₀ could not be calibrated (the mean LID of the training points never "
+                      f"{'falls to' if bracket is None else 'exceeds'} the target {target:.1f} for σ₀ in "
+                      f"[{lo:.3g}, {hi:.3g}]); using σ₀ = {value:.4g}, the nearest. The score model may be "
+                      "undertrained.", RuntimeWarning, stacklevel=2)
         return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value), "clamped": True}
+    value = calibrate_sigma0(mean_flipd, target, *bracket, tol=0.5, check_monotone=False)
     return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value)}
 
 
