@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dgmood.evaluation.metrics import auroc
-from dgmood.statistics.orientation import Orientation, pooled, symmetries
+from dgmood.statistics.orientation import Orientation, mirror_symmetries, pooled, symmetries
 
 
 def test_symmetries_of_square_and_rectangular_images():
@@ -49,6 +49,25 @@ def test_flipped_and_rotated_images_score_higher(data_dir):
     for name in ("vflip", "rot90", "rot180"):
         turned = stat.compute(None, np.ascontiguousarray(symmetries(28, 28)[name](test)))
         assert auroc(-upright, -turned) > 0.9, name  # measured 0.96-0.99 with this bank
+
+
+def test_with_mirror_a_mirrored_image_scores_as_the_original_and_flips_are_still_found(data_dir):
+    # Eq. O2 on FashionMNIST (clothes are roughly left-right symmetric in distribution, as photographs are):
+    # mirroring changes no value, in either search (unseen images, or training images left out of their own).
+    from dgmood.data.datasets import load_images
+
+    assert sorted(mirror_symmetries(28, 28)) == ["rot270", "rot90", "vflip"]
+    assert sorted(mirror_symmetries(4, 6)) == ["vflip"]
+    train = load_images("fashion-mnist:train[:3000]", data_dir=data_dir)
+    test = load_images("fashion-mnist:test[:300]", data_dir=data_dir)
+    stat = Orientation(max_bank=3000, mirror=True).fit(None, train)
+    upright = stat.compute(None, test)
+    np.testing.assert_allclose(stat.compute(None, np.ascontiguousarray(test[..., ::-1])), upright, atol=1e-6)
+    np.testing.assert_allclose(stat.compute_training(None, np.ascontiguousarray(train[:200, ..., ::-1])),
+                               stat.compute_training(None, train[:200]), atol=1e-6)
+    for name in ("vflip", "rot90"):
+        turned = stat.compute(None, np.ascontiguousarray(symmetries(28, 28)[name](test)))
+        assert auroc(-upright, -turned) > 0.9, name
 
 
 def test_settings_are_checked():

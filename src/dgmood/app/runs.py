@@ -225,12 +225,13 @@ class Run:
     # --- image detectors (dgmood.methods) ----------------------------------------------------------------------
 
     def method_config(self, **overrides):
-        """The recipes' settings for this run: its σ grid and batch size, plus ``overrides``."""
+        """The recipes' settings for this run: its σ grid and batch size, mirrors as no shift when it trained on
+        mirrored images, plus ``overrides``."""
         from dgmood.methods.recipes import MethodConfig
 
         cfg = self.config.features
-        return MethodConfig(**dict({"sigmas": tuple(float(s) for s in cfg.sigmas()), "batch_size": cfg.batch_size},
-                                   **overrides))
+        return MethodConfig(**dict({"sigmas": tuple(float(s) for s in cfg.sigmas()), "batch_size": cfg.batch_size,
+                                    "mirror": self.config.train.hflip}, **overrides))
 
     @property
     def cache(self):

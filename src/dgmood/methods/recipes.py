@@ -78,6 +78,9 @@ class MethodConfig:
             the MNIST model's vertical flip 0.946 → 0.960, contrast +0.016, FashionMNIST occlusion −0.009;
             docs/results.md) or ``linear`` (eq. C1, the form before).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
+        mirror: Left-right mirrors are no shift: the model was trained on randomly mirrored images
+            (``TrainConfig.hflip``), and the orientation statistic compares images with the training images and
+            their mirrors (eq. O2), so a mirrored image scores as the original.
         probes, seed: Hutchinson probes and seed of FLIPD and the PF-ODE likelihood.
         solver: PF-ODE solver of the diffusion likelihood (dual threshold on a score model).
         acceptance: In-distribution training acceptance of every threshold.
@@ -102,6 +105,7 @@ class MethodConfig:
     orientation_term: str = "hinge"
     term_shape: str = "softplus"
     max_components: int = 10
+    mirror: bool = False
     probes: int = 4
     seed: int = 0
     solver: str = "adaptive"
@@ -132,7 +136,9 @@ class MethodConfig:
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready settings; ``mirror`` only when set, so detectors saved before it existed still match."""
+        d = json.loads(json.dumps(asdict(self)))
+        return d if self.mirror else {k: v for k, v in d.items() if k != "mirror"}
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ def _combined(kind: str, cfg: MethodConfig):
         "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
         "fknn": lambda: FeatureKNN(feature_sigma(cfg), k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
                                    batch_size=cfg.batch_size),
-        "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank),
+        "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank, cfg.mirror),
         "knn": lambda: PixelKNN(cfg.knn_k),
     }
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,

@@ -13,6 +13,14 @@ rotations and four reflections of the dihedral group, else the two flips and the
 negative for an image the training images hold in its own orientation, and positive when a flip or rotation of
 it looks more like them. A symmetric image (a bag, a digit 0 upside down) gains nothing from turning, and scores
 as an upright one: such shifts cannot be told from the image alone.
+
+With ``mirror`` (a model trained on randomly mirrored images, ``dgmood train --hflip``) a left-right mirror is no
+shift: distances are to the training images and their mirrors, d^m_k(x) = the k-th smallest of the neighbour
+distances of x and of its mirror h x (eq. O2), and G keeps one symmetry per pair {g, h g}::
+
+    O_m(x) = log d^m_k(P x) − min_{g ∈ G_m} log d^m_k(P g x),   G_m = {vflip, rot90, rot270} (square) or {vflip}
+
+so O_m(h x) = O_m(x) exactly: a mirrored image scores as the original.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy as np
 
 from dgmood.statistics.base import Statistic, register
 
-__all__ = ["Orientation", "pooled", "symmetries"]
+__all__ = ["Orientation", "mirror_symmetries", "pooled", "symmetries"]
 
 
 def symmetries(height: int, width: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -35,6 +43,13 @@ def symmetries(height: int, width: int) -> dict[str, Callable[[np.ndarray], np.n
                 "transpose": lambda x: np.swapaxes(x, -2, -1),
                 "antitranspose": lambda x: np.swapaxes(x, -2, -1)[..., ::-1, ::-1]}
     return out
+
+
+def mirror_symmetries(height: int, width: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """One symmetry of each pair {g, hflip ∘ g} other than the identity's: those of an H × W image that are shifts when
+    left-right mirrors are not (eq. O2)."""
+    turns = symmetries(height, width)
+    return {name: turns[name] for name in ("vflip", "rot90", "rot270") if name in turns}
 
 
 def pooled(images: np.ndarray, grid: int) -> np.ndarray:
@@ -60,13 +75,14 @@ class Orientation(Statistic):
         grid: Pooled grid size per side.
         k: Which neighbour.
         max_bank: Training images in the bank (at most).
+        mirror: Left-right mirrors are no shift (eq. O2): for a model trained on randomly mirrored images.
     """
 
     name = "orientation"
     fitted = ("bank_",)
 
-    def __init__(self, grid=7, k=5, max_bank=20000):
-        self.grid, self.k, self.max_bank = int(grid), int(k), int(max_bank)
+    def __init__(self, grid=7, k=5, max_bank=20000, mirror=False):
+        self.grid, self.k, self.max_bank, self.mirror = int(grid), int(k), int(max_bank), bool(mirror)
         self.bank_ = None
 
     def fit(self, model, images, device="cpu", progress=False):
@@ -81,11 +97,16 @@ class Orientation(Statistic):
         if self.bank_ is None:
             raise ValueError("Orientation is not fitted; call fit(model, train_images) first")
         x = np.asarray(images, dtype=np.float32)
-        turns = symmetries(*x.shape[-2:])
-        queries = np.concatenate([pooled(x, self.grid)] + [pooled(g(x), self.grid) for g in turns.values()])
-        exclude = np.tile(np.arange(len(x)), 1 + len(turns)) if leave_out else None
-        d = kneighbors(self.bank_, queries, self.k, exclude=exclude)[0][:, -1]
-        logs = np.log(np.maximum(d, 1e-6)).reshape(1 + len(turns), len(x))
+        turns = (mirror_symmetries if self.mirror else symmetries)(*x.shape[-2:])
+        views = [x] + [g(x) for g in turns.values()]
+        if self.mirror:  # each view beside its mirror: eq. O2's distances are to the bank and its mirrors
+            views = [v for view in views for v in (view, view[..., ::-1])]
+        queries = np.concatenate([pooled(np.ascontiguousarray(v), self.grid) for v in views])
+        exclude = np.tile(np.arange(len(x)), len(views)) if leave_out else None
+        d = kneighbors(self.bank_, queries, self.k, exclude=exclude)[0].reshape(len(views), len(x), self.k)
+        if self.mirror:  # k-th smallest of the 2k distances of a view and its mirror
+            d = np.sort(np.concatenate([d[0::2], d[1::2]], axis=2), axis=2)
+        logs = np.log(np.maximum(d[..., self.k - 1], 1e-6))
         return logs[0] - logs[1:].min(axis=0)
 
     def compute(self, model, images, device="cpu", progress=False):
