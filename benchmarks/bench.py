@@ -148,13 +148,15 @@ def combined_rows(run: Run, in_spec: str, sets: dict, ablate: bool) -> tuple[dic
 
 
 _FEATURE_OF = {"score_norms": "msma", "complexity": "complexity", "flipd": "flipd", "reconstruction": "reconstruction",
-               "feature_knn": "fknn", "orientation": "orient", "knn": "knn"}
+               "feature_knn": "fknn", "orientation": "orient", "knn": "knn", "local": "local", "field": "field",
+               "pixels": "pixels"}
 
 
 def _columns(image_det, n_columns: int) -> list[str]:
     """The combined feature (msma, complexity, ...) each column of the combined matrix belongs to."""
     names = [_FEATURE_OF[s.name] for s in image_det.statistics]
-    widths = [len(s.columns(0)) if s.name in ("score_norms", "reconstruction") else 1 for s in image_det.statistics]
+    widths = [len(s.columns(0)) if s.name in ("score_norms", "reconstruction", "local", "field") else 1
+              for s in image_det.statistics]
     assert sum(widths) == n_columns
     return [f for f, w in zip(names, widths) for _ in range(w)]
 

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+import checks  # noqa: E402
 from bench import SHIFTS  # noqa: E402
 from speed import statistic_ms as ms_per_image  # noqa: E402
 
@@ -85,7 +86,19 @@ MORE_SHIFTS = {
 a 3-pixel translation and a 1-pixel Gaussian blur (checks that no visible OOD set chose)."""
 
 
-def sets(run: Run, n: int, more: bool = False, other_kinds: bool = False) -> tuple[str, dict]:
+def defect_loaders(run: Run, in_spec: str) -> dict:
+    """The local defect checks of ``benchmarks/checks.py`` on the test images (name = cache key): noise, blank and
+    CutPaste squares of 4, 6 and 8 pixels (CutPaste donors: training images of another class) and a scratch."""
+    from dgmood.data.datasets import load_labels
+
+    donors = (load_labels(in_spec, run.data_dir), run.images(run.config.data),
+              load_labels(run.config.data, run.data_dir))
+    made = checks.defect_checks(donors=donors)
+    return {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in made.items()}
+
+
+def sets(run: Run, n: int, more: bool = False, other_kinds: bool = False, defects: bool = False
+         ) -> tuple[str, dict]:
     """In-distribution test spec and OOD loaders (name = cache key)."""
     in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
     other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
@@ -93,7 +106,7 @@ def sets(run: Run, n: int, more: bool = False, other_kinds: bool = False) -> tup
                                                          "constant[:500]"]}
     shifts = SHIFTS | (MORE_SHIFTS if more else {}) | (OTHER_SHIFTS if other_kinds else {})
     loaders |= {f"{name}({in_spec})": (lambda f=f: f(run.images(in_spec))) for name, f in shifts.items()}
-    return in_spec, loaders
+    return in_spec, loaders | (defect_loaders(run, in_spec) if defects else {})
 
 
 def main(argv=None) -> None:
@@ -106,10 +119,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--more-shifts", action="store_true", help="also the shifts of MORE_SHIFTS")
     parser.add_argument("--other-shifts", action="store_true", help="also the shifts of OTHER_SHIFTS")
+    parser.add_argument("--defects", action="store_true", help="also the local defects of checks.defect_checks")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Run(args.run, progress=True)
-    in_spec, loaders = sets(run, args.n, args.more_shifts, args.other_shifts)
+    in_spec, loaders = sets(run, args.n, args.more_shifts, args.other_shifts, args.defects)
     probe = run.images(f"{in_spec.split('[')[0]}[:1000]")
     table, out = [], {}
     for item in args.variant or ["base={}"]:

@@ -23,7 +23,8 @@ from dgmood.methods.image_detector import ImageDetector
 __all__ = ["ALIASES", "COMBINED_FEATURES", "DEFAULT_METHOD", "FEATURE_SIGMA", "METHODS", "MethodConfig", "Recipe",
            "build_detector", "explainer_for", "feature_sigma", "method_names", "resolve_method"]
 
-COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "fknn", "orient", "knn")
+COMBINED_FEATURES = ("msma", "complexity", "flipd", "reconstruction", "field", "pixels", "local", "fknn", "orient",
+                     "knn")
 """Statistics the combined detector can use, in column order (the orientation statistic, a one-sided term, next to
 last; the k-NN distance last: :class:`~dgmood.detectors.estimators.CombinedDetector` reads them by position)."""
 
@@ -186,6 +187,7 @@ def _combined(kind: str, cfg: MethodConfig):
     from dgmood.statistics.field import PixelDeviation, ScoreFieldDeviation
     from dgmood.statistics.flipd import FLIPD
     from dgmood.statistics.knn import PixelKNN
+    from dgmood.statistics.local import LocalField
     from dgmood.statistics.orientation import Orientation
     from dgmood.statistics.reconstruction import Reconstruction
     from dgmood.statistics.score_norms import ScoreNorms
@@ -198,6 +200,7 @@ def _combined(kind: str, cfg: MethodConfig):
         "reconstruction": lambda: Reconstruction(cfg.reconstruction_sigmas, cfg.reconstruction_steps, cfg.seed,
                                                  cfg.batch_size),
         "field": lambda: ScoreFieldDeviation(cfg.sigmas[::cfg.combined_sigma_stride]), "pixels": PixelDeviation,
+        "local": lambda: LocalField(cfg.sigmas[::cfg.combined_sigma_stride], batch_size=cfg.batch_size),
         "fknn": lambda: FeatureKNN(feature_sigma(cfg), k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
                                    batch_size=cfg.batch_size),
         "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank, cfg.mirror),

@@ -114,7 +114,7 @@ class Statistic:
 def statistic_from_dict(d: dict) -> Statistic:
     """A statistic from :meth:`Statistic.to_dict` (unfitted); ValueError for an unknown class."""
     from dgmood.statistics import (complexity, feature_knn, field, flipd, knn, likelihood,  # noqa: F401 (register)
-                                   orientation, reconstruction, score_norms)
+                                   local, orientation, reconstruction, score_norms)
 
     cls = STATISTICS.get(d.get("class"))
     if cls is None:
