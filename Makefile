@@ -70,6 +70,8 @@ bench-cifar: venv
 	$(BIN)/pip install -e ".[test]" >/dev/null
 	$(BIN)/dgmood train --run $(CIFAR_RUN) $(CIFAR_TRAIN) --threads $(THREADS) --quiet
 	$(BIN)/python benchmarks/cifar.py --run $(CIFAR_RUN) --threads $(THREADS)
+	$(BIN)/python benchmarks/speed.py --run $(CIFAR_RUN) --data cifar10:test --memory-n 0 --threads $(THREADS) \
+		--out $(CIFAR_RUN)/bench-speed
 
 # Dual threshold (issue 3): trains what is missing (flows 2500 steps; score models of the reference architecture,
 # 1500 and 4000 steps), then evaluates both lenses; statistics are cached per run.

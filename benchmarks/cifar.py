@@ -10,9 +10,9 @@ model's 32 × 32 RGB by the product's own image policy (``--resize crop``):
 - OOD: Tiny ImageNet validation (64 × 64 photographs: near OOD), MNIST and FashionMNIST as RGB, uniform, Gaussian
   and constant noise; each **as it is** and **JPEG-matched**, after the JPEG quality 75 4:2:0 round trip at 32 × 32
   the training images went through, so that compression cannot be the cue;
-- flagged checks made from the test images (vertical flip, rotation by 90°, colour removed, inverted, 1-pixel
-  blur, local defects at 4/6/8 pixels) and accepted checks (horizontal flip, JPEG quality 90, PNG), from
-  ``benchmarks/checks.py``.
+- flagged checks made from the first 2,000 test images (``--check-n``): vertical flip, rotation by 90°, colour
+  removed, inverted, 1-pixel blur, local defects at 4/6/8 pixels; and accepted checks: horizontal flip, JPEG quality
+  90, PNG (``benchmarks/checks.py``).
 
 Derived sets are written once as uint8 ``.npy`` files under ``RUN/bench-sets`` and used as dataset specs, so the
 run's statistic cache serves every rerun. Prints markdown tables (AUROC, FPR at 95 % TPR, acceptance at the
@@ -58,20 +58,22 @@ def materialise(folder: Path, name: str, make) -> str:
     return str(path)
 
 
-def build_sets(run: Run, in_spec: str, n: int | None) -> tuple[dict, dict, dict]:
-    """(OOD sets, flagged checks, accepted checks), each label → spec; derived sets written under RUN/bench-sets."""
+def build_sets(run: Run, in_spec: str, n: int | None, check_n: int) -> tuple[dict, dict, dict]:
+    """(OOD sets, flagged checks, accepted checks), each label → spec; derived sets written under RUN/bench-sets.
+    The checks are made from the first ``check_n`` test images."""
     folder = run.directory / "bench-sets"
-    test = lambda: run.images(in_spec)  # noqa: E731
+    source = f"{in_spec.split('[')[0]}[:{check_n if n is None else min(n, check_n)}]"
+    test = lambda: run.images(source)  # noqa: E731
     ood = {}
     for label, spec in OOD.items():
         spec = spec if n is None or "[" in spec else f"{spec}[:{n}]"
         ood[label] = spec
         ood[f"{label}, JPEG-matched"] = materialise(folder, f"jpeg75-{spec}", lambda s=spec: checks.jpeg(run.images(s)))
     train_labels = datasets.load_labels(run.config.data, run.data_dir)
-    donors = (datasets.load_labels(in_spec, run.data_dir), run.images(run.config.data), train_labels)
+    donors = (datasets.load_labels(source, run.data_dir), run.images(run.config.data), train_labels)
     made = checks.FLAGGED | checks.defect_checks(donors=donors)
-    flagged = {name: materialise(folder, f"{name}-{in_spec}", lambda f=f: f(test())) for name, f in made.items()}
-    accepted = {name: materialise(folder, f"{name}-{in_spec}", lambda f=f: f(test()))
+    flagged = {name: materialise(folder, f"{name}-{source}", lambda f=f: f(test())) for name, f in made.items()}
+    accepted = {name: materialise(folder, f"{name}-{source}", lambda f=f: f(test()))
                 for name, f in checks.ACCEPTED.items()}
     return ood, flagged, accepted
 
@@ -131,6 +133,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/cifar10"))
     parser.add_argument("--n", type=int, default=None, help="first n images of each set (default: all)")
+    parser.add_argument("--check-n", type=int, default=2000, help="test images the checks are made from")
     parser.add_argument("--dual-n", type=int, default=200, help="images per set for the dual threshold (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
     run = Run(args.run, progress=True)
     in_spec = run.config.in_test if args.n is None else f"{run.config.in_test}[:{args.n}]"
     start = time.perf_counter()
-    ood, flagged, accepted = build_sets(run, in_spec, args.n)
+    ood, flagged, accepted = build_sets(run, in_spec, args.n, args.check_n)
     ev, dets = run.evaluate_methods(list(METHODS), [*ood.values(), *flagged.values(), *accepted.values()], in_spec)
     tables = {"ood": ood_table(ev, ood), "checks": checks_table(ev, dets, flagged, accepted)}
     out = {"in": in_spec, "train": run.config.data, "results": ev.results, "model_sha256": run.model_sha,

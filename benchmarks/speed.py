@@ -9,7 +9,8 @@ Prints and writes ``OUT/speed.json`` and ``OUT/speed.md``:
   installed) and as the PyTorch module, and the first's ratio to the matmul;
 - training images/s (forward + backward + Adam, batch 128) of the run's architecture, fp32 and, where the CPU
   has bf16 units, under bf16 autocast (how `dgmood train` runs it there);
-- the default detector's time per image, statistic by statistic, on the first ``--n`` MNIST test images;
+- the default detector's time per image, statistic by statistic, on the first ``--n`` images of ``--data``
+  (MNIST's test images by default);
 - wall time of ``dgmood predict`` on those images in a fresh process (start, model load, scoring, CSV), for the
   default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory;
 - peak resident memory of ``dgmood predict`` with the default detector on ``--memory-n`` images (100,000).
@@ -135,7 +136,8 @@ def memory_specs(n: int) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--n", type=int, default=10000, help="MNIST test images scored")
+    parser.add_argument("--n", type=int, default=10000, help="test images scored")
+    parser.add_argument("--data", default="mnist:test", help="the set scored (its first --n images)")
     parser.add_argument("--memory-n", type=int, default=100000,
                         help="images of the peak-memory check of the default detector (see memory_specs; 0 skips it)")
     parser.add_argument("--threads", type=int, default=2)
@@ -156,8 +158,8 @@ def main(argv=None) -> None:
     result["train_images_per_s"] = train_throughput(run.config.net)
     if native_bf16("cpu"):  # dgmood trains under bf16 autocast here: time that too, side by side
         result["train_bf16_images_per_s"] = train_throughput(run.config.net, amp=True)
-    spec = f"mnist:test[:{args.n}]"
-    result["statistic_ms"] = statistic_ms(detector, run.images(f"mnist:test[:{min(args.n, 2000)}]"))
+    spec = f"{args.data}[:{args.n}]"
+    result["statistic_ms"] = statistic_ms(detector, run.images(f"{args.data}[:{min(args.n, 2000)}]"))
     result["predict"] = alternating_predicts(args.run, spec, (run.config.method, "pixel-knn"), args.out, args.threads,
                                              args.repeats)
     result["predict_ratio"] = result["predict"][run.config.method]["seconds"] / result["predict"]["pixel-knn"]["seconds"]
