@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["STATISTICS", "Statistic", "as_columns", "register", "statistic_from_dict"]
+__all__ = ["STATISTICS", "Statistic", "array_digest", "as_columns", "register", "statistic_from_dict"]
 
 STATISTICS: dict[str, type["Statistic"]] = {}
 """Class name → class of every statistic, for loading saved detectors."""
@@ -25,6 +25,16 @@ def register(cls: type["Statistic"]) -> type["Statistic"]:
     """Class decorator: make a statistic loadable by its class name."""
     STATISTICS[cls.__name__] = cls
     return cls
+
+
+def array_digest(*arrays) -> str:
+    """Short SHA-256 of fitted arrays: part of a cache key (other fitted values, other statistic values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def as_columns(values: np.ndarray, log_scale: bool) -> np.ndarray:

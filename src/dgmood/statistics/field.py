@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgmood.statistics.base import Statistic, register
+from dgmood.statistics.base import Statistic, array_digest, register
 from dgmood.statistics.maps import log_norms, pixel_moments, pixel_score_norms
 
 __all__ = ["PixelDeviation", "ScoreFieldDeviation", "layout_energy"]
@@ -66,7 +66,7 @@ class ScoreFieldDeviation(Statistic):
         return layout_energy(self._log_norms(model, images, device), self.mean_, self.std_)
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {**self.get_params(), "moments": _digest(self.mean_, self.std_)}
+        return {**self.get_params(), "moments": array_digest(self.mean_, self.std_)}
 
     def columns(self, n_columns: int) -> list[str]:
         return [f"field@sigma={s:.4g}" for s in self.sigmas]
@@ -98,14 +98,5 @@ class PixelDeviation(Statistic):
         return layout_energy(np.asarray(images, np.float32).mean(axis=1, keepdims=True), self.mean_, self.std_)[:, 0]
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {**self.get_params(), "moments": _digest(self.mean_, self.std_)}
+        return {**self.get_params(), "moments": array_digest(self.mean_, self.std_)}
 
-
-def _digest(*arrays) -> str:
-    """Short SHA-256 of fitted arrays: part of a cache key (other moments, other values)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]

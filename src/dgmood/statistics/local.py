@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgmood.statistics.base import Statistic, register
+from dgmood.statistics.base import Statistic, array_digest, register
 from dgmood.statistics.maps import log_norms, pixel_moments, pixel_score_norms, standardised_map
 
 __all__ = ["LocalField", "peak_window_mean", "window_sides"]
@@ -89,9 +89,7 @@ class LocalField(Statistic):
         return np.stack([np.maximum(peak_window_mean(m, s), peak_window_mean(-m, s)) for s in sides], axis=1)
 
     def cache_settings(self, training: bool = False) -> dict:
-        from dgmood.statistics.field import _digest
-
-        return {**self.get_params(), "moments": _digest(self.mean_, self.std_)}
+        return {**self.get_params(), "moments": array_digest(self.mean_, self.std_)}
 
     def columns(self, n_columns: int) -> list[str]:
         return [f"local@window={f:.3g}" for f in self.fractions]
