@@ -102,15 +102,6 @@ def test_predict_streams_an_archive_in_chunks(photo_run, tmp_path, data_dir):
     np.testing.assert_allclose(scores, det.score(np.concatenate([c.images for c in chunks])), rtol=1e-5)
 
 
-def test_grey_images_train_unmirrored_by_default(tmp_path, data_dir):
-    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--dry-run", "--data-dir", data_dir)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["train"]["hflip"] is False
-    result = invoke("train", "--run", tmp_path / "grey", "--data", "mnist[:64]", "--hflip", "--dry-run",
-                    "--data-dir", data_dir)
-    assert json.loads(result.output)["train"]["hflip"] is True
-
-
 def test_64px_jpegs_scored_by_a_32px_model_through_serve(photo_run, data_dir):
     """The served app brings uploads to the model by the saved policy: a Tiny ImageNet JPEG as its raw bytes scores
     as `predict` scored it."""

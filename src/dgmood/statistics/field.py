@@ -15,7 +15,7 @@ import numpy as np
 from dgmood.statistics.base import Statistic, array_digest, register
 from dgmood.statistics.maps import log_norms, pixel_moments, pixel_score_norms
 
-__all__ = ["PixelDeviation", "ScoreFieldDeviation", "layout_energy"]
+__all__ = ["PixelDeviation", "ScoreFieldDeviation", "ScoreFieldStatistic", "layout_energy"]
 
 
 def layout_energy(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -32,9 +32,10 @@ def layout_energy(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
     return (z.astype(np.float64) ** 2).mean(axis=(2, 3))
 
 
-@register
-class ScoreFieldDeviation(Statistic):
-    """Eq. F1 at each σ: (N, L), the layout energy of the log per-pixel score norms (eq. M1).
+class ScoreFieldStatistic(Statistic):
+    """Base of the statistics of the per-pixel score field: log score norms at ``sigmas`` (eq. M1) and their
+    per-pixel training moments (eq. M2), fitted on at most ``max_fit`` training images; subclasses turn the field of
+    new images into values (:meth:`_field` gives it, checked fitted).
 
     Args:
         sigmas: Noise levels.
@@ -43,7 +44,6 @@ class ScoreFieldDeviation(Statistic):
         batch_size: Images per network call.
     """
 
-    name = "field"
     log_scale = True
     forward_only = True
     fitted = ("mean_", "std_")
@@ -53,20 +53,32 @@ class ScoreFieldDeviation(Statistic):
         self.max_fit, self.min_std, self.batch_size = int(max_fit), float(min_std), int(batch_size)
         self.mean_ = self.std_ = None
 
-    def _log_norms(self, model, images, device):
+    def _log_norms(self, model, images, device) -> np.ndarray:
         return log_norms(pixel_score_norms(model, images, self.sigmas, self.batch_size, device))
+
+    def _field(self, model, images, device) -> np.ndarray:
+        """Log per-pixel score norms (N, L, H, W) of ``images``; ValueError when not fitted."""
+        if not self.is_fitted():
+            raise ValueError(f"{type(self).__name__} is not fitted; call fit(model, train_images) first")
+        return self._log_norms(model, images, device)
 
     def fit(self, model, images, device="cpu", progress=False):
         self.mean_, self.std_ = pixel_moments(self._log_norms(model, images[:self.max_fit], device), self.min_std)
         return self
 
-    def compute(self, model, images, device="cpu", progress=False):
-        if not self.is_fitted():
-            raise ValueError("ScoreFieldDeviation is not fitted; call fit(model, train_images) first")
-        return layout_energy(self._log_norms(model, images, device), self.mean_, self.std_)
-
     def cache_settings(self, training: bool = False) -> dict:
         return {**self.get_params(), "moments": array_digest(self.mean_, self.std_)}
+
+
+@register
+class ScoreFieldDeviation(ScoreFieldStatistic):
+    """Eq. F1 at each σ: (N, L), the layout energy of the log per-pixel score norms (eq. M1). Arguments as
+    :class:`ScoreFieldStatistic`."""
+
+    name = "field"
+
+    def compute(self, model, images, device="cpu", progress=False):
+        return layout_energy(self._field(model, images, device), self.mean_, self.std_)
 
     def columns(self, n_columns: int) -> list[str]:
         return [f"field@sigma={s:.4g}" for s in self.sigmas]

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgmood.statistics.base import Statistic, array_digest, register
-from dgmood.statistics.maps import log_norms, pixel_moments, pixel_score_norms, standardised_map
+from dgmood.statistics.base import register
+from dgmood.statistics.field import ScoreFieldStatistic
+from dgmood.statistics.maps import standardised_map
 
 __all__ = ["LocalField", "peak_window_mean", "window_sides"]
 
@@ -47,49 +48,31 @@ def peak_window_mean(energy: np.ndarray, side: int) -> np.ndarray:
 
 
 @register
-class LocalField(Statistic):
+class LocalField(ScoreFieldStatistic):
     """Eq. L1 at each window side: (N, K), the peak window magnitude of the anomaly map of the score field.
 
     Args:
         sigmas: Noise levels of the field (the combined detector passes its score-norm levels, so the passes are
             shared).
         fractions: Window sides as fractions of the image's shorter side.
-        max_fit: Training images used for the per-pixel moments (at most).
-        min_std: Floor of the per-pixel spread, log units.
-        batch_size: Images per network call (the score norms' own, for shared passes).
+        max_fit, min_std, batch_size: As :class:`~dgmood.statistics.field.ScoreFieldStatistic` (the batch size the
+            score norms' own, for shared passes).
     """
 
     name = "local"
-    log_scale = True
-    forward_only = True
-    fitted = ("mean_", "std_")
 
     def __init__(self, sigmas=(1.0, 0.1, 0.01), fractions=(1 / 7, 2 / 7), max_fit=5000, min_std=0.1, batch_size=500):
-        self.sigmas = tuple(float(s) for s in sigmas)
+        super().__init__(sigmas, max_fit, min_std, batch_size)
         self.fractions = tuple(float(f) for f in fractions)
-        self.max_fit, self.min_std, self.batch_size = int(max_fit), float(min_std), int(batch_size)
-        self.mean_ = self.std_ = None
 
     @property
     def shared_sigmas(self) -> tuple[float, ...]:
         return self.sigmas
 
-    def _log_norms(self, model, images, device) -> np.ndarray:
-        return log_norms(pixel_score_norms(model, images, self.sigmas, self.batch_size, device))
-
-    def fit(self, model, images, device="cpu", progress=False):
-        self.mean_, self.std_ = pixel_moments(self._log_norms(model, images[:self.max_fit], device), self.min_std)
-        return self
-
     def compute(self, model, images, device="cpu", progress=False):
-        if not self.is_fitted():
-            raise ValueError("LocalField is not fitted; call fit(model, train_images) first")
-        m = standardised_map(self._log_norms(model, images, device), self.mean_, self.std_).astype(np.float64)
+        m = standardised_map(self._field(model, images, device), self.mean_, self.std_).astype(np.float64)
         sides = window_sides(*m.shape[1:], self.fractions)
         return np.stack([np.maximum(peak_window_mean(m, s), peak_window_mean(-m, s)) for s in sides], axis=1)
-
-    def cache_settings(self, training: bool = False) -> dict:
-        return {**self.get_params(), "moments": array_digest(self.mean_, self.std_)}
 
     def columns(self, n_columns: int) -> list[str]:
         return [f"local@window={f:.3g}" for f in self.fractions]
