@@ -35,3 +35,56 @@ def test_occlusion_covers_one_grey_square_per_image(images):
         rows, cols = np.nonzero(img_grey)
         assert img_changed[~img_grey].sum() == 0
         assert rows.max() - rows.min() == 7 and cols.max() - cols.min() == 7 and img_grey.sum() == 64
+
+
+# --- benchmarks/checks.py: the photograph checks and the local defects (issues 27, 28) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Smooth random colour images (a JPEG round trip of noise would be all artefact)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    return np.clip(gaussian_filter(rng.random((8, 3, 32, 32)), (0, 0, 2, 2)) * 2 - 0.5, 0, 1).astype(np.float32)
+
+
+def test_every_check_keeps_shape_and_range_changes_the_images_and_repeats(photos):
+    from checks import ACCEPTED, FLAGGED, defect_checks
+
+    labels = np.arange(len(photos)) % 2
+    made = FLAGGED | ACCEPTED | defect_checks(donors=(labels, photos, labels))
+    for name, check in made.items():
+        out = check(photos)
+        assert out.shape == photos.shape and out.dtype == np.float32, name
+        assert out.min() >= 0 and out.max() <= 1, name
+        if name != "png":
+            assert not np.allclose(out, photos, atol=1 / 255), name
+        np.testing.assert_array_equal(check(photos), out, err_msg=name)
+
+
+def test_round_trips_go_through_the_product_decoder(photos):
+    from checks import jpeg, png, to_uint8
+
+    np.testing.assert_array_equal(to_uint8(png(photos)), to_uint8(photos))  # lossless: only 8-bit rounding
+    q75, q90 = np.abs(jpeg(photos, 75) - photos).mean(), np.abs(jpeg(photos, 90) - photos).mean()
+    assert 0 < q90 < q75 < 0.05  # lossy, more so at the lower quality
+
+
+def test_defects_change_one_square_and_cutpaste_takes_another_class(photos):
+    from checks import blank, cutpaste, noise_patch
+
+    for out in (noise_patch(photos, 6), blank(photos, 6)):
+        changed = (out != photos).any(axis=1)
+        assert all(c.sum() <= 36 and c.sum() > 0 for c in changed)
+        rows, cols = np.nonzero(changed[0])
+        assert rows.max() - rows.min() <= 5 and cols.max() - cols.min() <= 5
+    labels, donors = np.zeros(len(photos), int), np.concatenate([photos, 1 - photos])
+    donor_labels = np.r_[np.zeros(len(photos), int), np.ones(len(photos), int)]
+    out = cutpaste(photos, labels, donors, donor_labels, 4)
+    for img, orig in zip(out, photos):  # each patch equals a 4 × 4 square of some class-1 donor (1 − photo)
+        rows, cols = np.nonzero((img != orig).any(axis=0))
+        top, left = rows.min(), cols.min()
+        patch = img[:, top:top + 4, left:left + 4]
+        assert any((patch == d[:, r:r + 4, c:c + 4]).all() for d in donors[len(photos):]
+                   for r in range(29) for c in range(29))
