@@ -54,14 +54,15 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
     lo, hi = float(t_to_sigma(1e-4)), float(t_to_sigma(1.0))
     bracket = first_crossing(mean_flipd, target, lo, hi)
     if bracket is None or bracket[0] == bracket[1]:
-        # no crossing (an undertrained model): the σ₀ of the grid whose mean LID is nearest the target
+        # no crossing: the σ₀ of the grid whose mean LID comes nearest the target
         grid = np.geomspace(lo, hi, 13)
         value = float(min(grid, key=lambda s: abs(mean_flipd(float(s)) - target)))
-        warnings.warn(f"FLIPD's σ₀ could not be calibrated (the mean LID of the training points never "
-                      f"{'falls to' if bracket is None else 'exceeds'} the target {target:.1f} for σ₀ in "
-                      f"[{lo:.3g}, {hi:.3g}]); using σ₀ = {value:.4g}, the nearest. The score model may be "
-                      "undertrained.", RuntimeWarning, stacklevel=2)
-        return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value), "clamped": True}
+        achieved = mean_flipd(value)
+        warnings.warn(f"FLIPD's mean LID over the training points comes no nearer the LPCA target {target:.1f} than "
+                      f"{achieved:.1f}, at σ₀ = {value:.4g} (σ₀ in [{lo:.3g}, {hi:.3g}]); using that σ₀. The model's "
+                      "FLIPD and LPCA disagree on this data, or the model is undertrained.", RuntimeWarning,
+                      stacklevel=2)
+        return {"parameter": "sigma0", "value": value, "achieved": achieved, "clamped": True}
     value = calibrate_sigma0(mean_flipd, target, *bracket, tol=0.5, check_monotone=False)
     return {"parameter": "sigma0", "value": value, "achieved": mean_flipd(value)}
 
