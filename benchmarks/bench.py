@@ -155,8 +155,7 @@ _FEATURE_OF = {"score_norms": "msma", "complexity": "complexity", "flipd": "flip
 def _columns(image_det, n_columns: int) -> list[str]:
     """The combined feature (msma, complexity, ...) each column of the combined matrix belongs to."""
     names = [_FEATURE_OF[s.name] for s in image_det.statistics]
-    widths = [len(s.columns(0)) if s.name in ("score_norms", "reconstruction", "local", "field") else 1
-              for s in image_det.statistics]
+    widths = [max(1, len(s.columns(0))) for s in image_det.statistics]  # multi-column statistics name their own
     assert sum(widths) == n_columns
     return [f for f, w in zip(names, widths) for _ in range(w)]
 

@@ -22,6 +22,7 @@ default threshold) and writes ``RUN/bench-cifar.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -78,7 +79,7 @@ def build_sets(run: Run, in_spec: str, n: int | None, check_n: int) -> tuple[dic
     labels = datasets.load_labels(in_spec, run.data_dir)
     picked = sample(len(labels), check_n)
     tag = f"{in_spec}-sample{len(picked)}"
-    test = lambda: run.images(in_spec)[picked]  # noqa: E731
+    test = functools.cache(lambda: run.images(in_spec)[picked])  # decoded once for every check
     donors = (labels[picked], run.images(run.config.data), datasets.load_labels(run.config.data, run.data_dir))
     made = checks.FLAGGED | checks.defect_checks(donors=donors)
     flagged = {name: materialise(folder, f"{name}-{tag}", lambda f=f: f(test())) for name, f in made.items()}
@@ -130,7 +131,7 @@ def dual_rows(run: Run, in_spec: str, ood: dict, n: int) -> tuple[str, dict]:
     picked = {k: v for k, v in ood.items() if k.split(",")[0] in ("Tiny ImageNet", "MNIST", "uniform")}
     specs = {label: f"{spec.split('[')[0]}[:{n}]" for label, spec in picked.items()}  # those sets are in random order
     in_sample = materialise(run.directory / "bench-sets", f"{in_spec}-sample{n}",
-                            lambda: run.images(in_spec)[sample(len(run.images(in_spec)), n)])
+                            lambda: (x := run.images(in_spec))[sample(len(x), n)])
     lens = LensConfig(lens="diffusion", lid="flipd", solver="heun", steps=8, spacing="geometric")
     ev = evaluate_dual(run, DualConfig(lens=lens), list(specs.values()), in_sample)
     lines = ["| OOD set (n) | likelihood alone | LID alone | dual (detector) | optimal dual |", "|---|---:|---:|---:|---:|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -47,6 +48,7 @@ def calibrate_flipd(model, points: np.ndarray, target: float, probes: int = 4, s
 
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)
 
+    @functools.cache  # deterministic: the grid's values are computed once, for the bracket and the fallback
     def mean_flipd(sigma0: float) -> float:
         gen = torch.Generator().manual_seed(seed)
         return float(flipd(model, x, sigma0, probes=probes, generator=gen, difference=difference).mean())

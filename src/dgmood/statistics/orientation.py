@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from dgmood.statistics.base import Statistic, register
+from dgmood.statistics.base import Statistic, array_digest, register
 
 __all__ = ["Orientation", "mirror_symmetries", "pooled", "symmetries"]
 
@@ -116,7 +116,4 @@ class Orientation(Statistic):
         return self._values(images, True)
 
     def cache_settings(self, training: bool = False) -> dict:
-        import hashlib
-
-        digest = hashlib.sha256(np.ascontiguousarray(self.bank_).tobytes()).hexdigest()[:16]
-        return {**self.get_params(), "bank": digest, "leave_one_out": bool(training)}
+        return {**self.get_params(), "bank": array_digest(self.bank_), "leave_one_out": bool(training)}
