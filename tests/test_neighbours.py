@@ -61,14 +61,15 @@ def test_int8_search_between_8_bit_images_equals_the_fp32_search(images, monkeyp
     bank, queries = images
     off_grid = np.clip(queries + 0.3 / 255.0, 0, 1).astype(np.float32)  # not 8-bit: takes the fp32 search
     monkeypatch.setenv("DGMOOD_KERNELS", "knn=int8")
-    assert neighbours._search_space(bank, queries)[2] is neighbours.level_distances
-    assert neighbours._search_space(bank, off_grid)[2] is neighbours.squared_distances
-    assert neighbours._search_space(bank.astype(np.float32) / 255, queries)[2] is neighbours.squared_distances
+    levels = lambda b, q: neighbours._search_space(neighbours.prepare(b), q)[1].levels  # noqa: E731
+    assert levels(bank, queries) and not levels(bank, off_grid) and not levels(bank.astype(np.float32) / 255, queries)
     d, i = kneighbors(bank, queries, 5, bank_chunk=700)
+    np.testing.assert_allclose(kneighbors(bank, off_grid, 5, bank_chunk=700)[0],
+                               _reference(bank.astype(np.float32) / 255.0, off_grid, 5)[0], rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("DGMOOD_KERNELS", "knn=fp32")
-    assert neighbours._search_space(bank, queries)[2] is neighbours.squared_distances
+    assert not levels(bank, queries)
     d32, i32 = kneighbors(bank, queries, 5, bank_chunk=700)
-    np.testing.assert_array_equal(d, d32)
+    np.testing.assert_allclose(d, d32, rtol=1e-6)  # exact 8-bit distances against float64 ones from float32 u / 255
     assert (i == i32).mean() > 0.99  # ties between equally near training images may order differently
 
 
@@ -81,11 +82,14 @@ def test_both_kernels_give_the_same_neighbours_on_8_bit_images(monkeypatch, excl
     queries = bank[:150].astype(np.float32) / 255.0 if exclude else rng.integers(0, 256, (150, 784)) / 255.0
     skip = np.arange(150) if exclude else None
     found = {}
-    for kernel, distances in [("int8", neighbours.level_distances), ("fp32", neighbours.squared_distances)]:
+    for kernel in ("int8", "fp32"):
         monkeypatch.setenv("DGMOOD_KERNELS", f"knn={kernel}")
-        assert neighbours._search_space(bank, queries)[2] is distances
-        found[kernel] = kneighbors(bank, queries, 4, exclude=skip, chunk=64, bank_chunk=300)
-    np.testing.assert_array_equal(found["int8"][0], found["fp32"][0])
+        prepared = neighbours.prepare(bank)
+        assert prepared.levels == (kernel == "int8")
+        found[kernel] = kneighbors(prepared, queries, 4, exclude=skip, chunk=64, bank_chunk=300)
+        np.testing.assert_array_equal(kneighbors(bank, queries, 4, exclude=skip, chunk=64, bank_chunk=300)[1],
+                                      found[kernel][1])  # a prepared bank searches as the array does
+    np.testing.assert_allclose(found["int8"][0], found["fp32"][0], rtol=1e-6)
     np.testing.assert_array_equal(found["int8"][1], found["fp32"][1])
 
 

@@ -11,11 +11,12 @@ from dgmood.statistics.base import Statistic, register
 __all__ = ["PixelKNN", "knn_distance", "to_uint8"]
 
 
-def knn_distance(bank: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+def knn_distance(bank, queries: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
     """Euclidean distance in raw pixels from each query to its k-th nearest image of ``bank``, shape (N,).
 
     Args:
-        bank: Reference images (M, C, H, W) or (M, D), pixel scale (uint8 rows: levels / 255).
+        bank: Reference images (M, C, H, W) or (M, D), pixel scale (uint8 rows: levels / 255), or a
+            :class:`~dgmood.statistics.neighbours.SearchBank` of them.
         queries: Images (N, C, H, W) or (N, D) of the same size.
         k: Which neighbour.
         exclude_self: The queries are rows of ``bank``: skip the zero distance to themselves (leave-one-out).
@@ -58,13 +59,19 @@ class PixelKNN(Statistic):
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         self.bank_ = to_uint8(images)
-        self._sha = None
+        self._sha = self._search = None
         return self
 
-    def _bank(self) -> np.ndarray:
+    def _bank(self):
+        """The bank made ready for searching, once (:func:`~dgmood.statistics.neighbours.prepare`)."""
+        from dgmood.statistics.neighbours import prepare
+
         if self.bank_ is None:
             raise ValueError("PixelKNN is not fitted; call fit(model, train_images) first")
-        return self.bank_
+        search = getattr(self, "_search", None)
+        if search is None or search[0] is not self.bank_:  # first search, or a bank assigned since
+            self._search = search = (self.bank_, prepare(self.bank_))
+        return search[1]
 
     def compute(self, model, images, device="cpu", progress=False):
         return knn_distance(self._bank(), np.asarray(images, dtype=np.float32), self.k).astype(np.float64)
@@ -86,5 +93,5 @@ class PixelKNN(Statistic):
         super().set_state(scalars, arrays)
         if self.bank_.dtype != np.uint8 or self.bank_.ndim != 2:
             raise ValueError(f"the k-NN bank must be (M, D) uint8, got {self.bank_.dtype} {self.bank_.shape}")
-        self._sha = None
+        self._sha = self._search = None
         return self
