@@ -12,6 +12,7 @@ import importlib
 import io
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -111,24 +112,40 @@ def png_filtered_rows(levels: np.ndarray) -> np.ndarray:
     return out
 
 
-def png_sizes(levels: np.ndarray) -> np.ndarray:
+def png_sizes(levels: np.ndarray, threads: int | None = None) -> np.ndarray:
     """Bytes of the smallest PNG over :data:`PNG_STRATEGIES` at zlib level 9 of each (N, H, W, C) uint8 image,
     C = 1 or 3: the same number as ``len`` of Pillow's smallest encoding (:func:`_png`; tested equal), without
     Pillow's per-file work: the rows filtered as Pillow filters them (:func:`png_filtered_rows`), deflated with
     its zlib settings (window 15, memory level 9), plus the chunks around them (:data:`_PNG_CHUNKS`; one more IDAT
-    chunk per 64 KiB of data, Pillow's write size). (N,) int64."""
+    chunk per 64 KiB of data, Pillow's write size). (N,) int64.
+
+    The images are deflated by ``threads`` threads (default: torch's thread count): zlib releases the GIL while
+    it compresses."""
     rows = png_filtered_rows(levels)
     block = max(ImageFile.MAXBLOCK, levels.shape[2] * 4)
     out = np.empty(len(rows), np.int64)
-    for i, image in enumerate(rows):
-        data = image.tobytes()
-        deflated = []
-        for strategy in PNG_STRATEGIES:
-            z = zlib.compressobj(9, zlib.DEFLATED, 15, 9, strategy)
-            deflated.append(len(z.compress(data)) + len(z.flush()))
-        size = min(deflated)
-        out[i] = _PNG_CHUNKS + size + 12 * (max(1, -(-size // block)) - 1)
+
+    def deflate(part: slice) -> None:
+        for i in range(part.start, part.stop):
+            data = rows[i].tobytes()
+            size = min(_deflated_size(data, strategy) for strategy in PNG_STRATEGIES)
+            out[i] = _PNG_CHUNKS + size + 12 * (max(1, -(-size // block)) - 1)
+
+    workers = max(1, min(int(threads or torch.get_num_threads()), len(rows)))
+    bounds = np.linspace(0, len(rows), workers + 1).astype(int)
+    parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    if workers == 1:
+        deflate(parts[0])
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dgmood-png") as pool:
+            list(pool.map(deflate, parts))
     return out
+
+
+def _deflated_size(data: bytes, strategy: int) -> int:
+    """Bytes of ``data`` deflated by zlib at level 9, window 15, memory level 9 and ``strategy``."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 15, 9, strategy)
+    return len(z.compress(data)) + len(z.flush())
 
 
 def _has_jxl() -> bool:
