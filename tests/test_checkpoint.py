@@ -354,16 +354,17 @@ def test_detector_save_and_load_remove_leftovers(tmp_path):
     assert not names & set(gone) and set(kept) <= names
 
 
-@pytest.mark.parametrize("term_shape", ["linear", "softplus"])
-def test_combined_detector_with_a_hinge_column_saves_and_loads_the_same_scores(tmp_path, term_shape):
+@pytest.mark.parametrize("term_shape,extreme_weight", [("linear", 0.0), ("softplus", 0.0), ("softplus", 1.0)])
+def test_combined_detector_with_a_hinge_column_saves_and_loads_the_same_scores(tmp_path, term_shape, extreme_weight):
     from dgmood.detectors.estimators import CombinedDetector
     from dgmood.detectors.persist import load_detector, save_detector
 
     rng = np.random.default_rng(3)
     X = np.column_stack([rng.standard_normal((300, 3)), rng.standard_normal(300), rng.lognormal(size=300)])
     det = CombinedDetector(distance_columns=1, hinge_columns=1, component_grid=(1, 2), cv=2,
-                           term_shape=term_shape).fit(X)
+                           term_shape=term_shape, extreme_weight=extreme_weight).fit(X)
     save_detector(det, tmp_path, meta={"model_sha256": "a" * 64})
     loaded, _ = load_detector(tmp_path)
     assert loaded.hinge_columns == 1 and loaded.gmm_.means_.shape[1] == 3 and loaded.term_shape == term_shape
+    assert loaded.extreme_weight == extreme_weight and hasattr(loaded, "extreme_mean_") == (extreme_weight > 0)
     np.testing.assert_allclose(loaded.score_samples(X), det.score_samples(X), rtol=1e-6)

@@ -23,6 +23,7 @@ CHECKED = [
     CombinedDetector(distance_columns=1, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=0, hinge_columns=1, component_grid=(1, 2, 3), cv=3),
     CombinedDetector(distance_columns=1, term_shape="softplus", component_grid=(1, 2, 3), cv=3),
+    CombinedDetector(distance_columns=1, term_shape="softplus", extreme_weight=1.0, component_grid=(1, 2, 3), cv=3),
     ThresholdDetector(),
     ThresholdDetector(sign=1, acceptance=0.5),
 ]
@@ -276,6 +277,36 @@ def test_combined_softplus_terms_let_no_typical_term_buy_off_another():
     far_cost = {name: det.score_samples(rows[1:]) @ [1, -1] for name, det in (("linear", linear), ("soft", soft))}
     assert far_cost["soft"] == pytest.approx(8.0 - np.log(2), abs=1e-3) and far_cost["linear"] == pytest.approx(8.0)
     assert (soft.score_samples(X) < 0).all()  # every term costs something: the score is below 0
+
+
+def test_combined_extreme_term_matches_eq_c3():
+    rng = np.random.default_rng(6)
+    X = np.column_stack([rng.standard_normal((400, 3)), rng.lognormal(size=400)])
+    plain = CombinedDetector(distance_columns=1, term_shape="softplus", component_grid=(1,), cv=2).fit(X)
+    det = CombinedDetector(distance_columns=1, term_shape="softplus", extreme_weight=0.5, component_grid=(1,),
+                           cv=2).fit(X)
+    Z = (X - X.mean(0)) / X.std(0)
+    largest = np.abs(Z[:, :3]).max(axis=1)  # the mixture's columns only, not the distance
+    u_e = (largest - largest.mean()) / largest.std()
+    expected = plain.score_samples(X) - 0.5 * np.log1p(np.exp(u_e))
+    np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_combined_extreme_term_finds_one_far_statistic_the_mixture_dilutes():
+    """Eq. C3: two rows at the same Gaussian density (Mahalanobis distance 4), one 4 standard deviations out in one
+    statistic, the other 4/√10 out in each of ten; the mixture alone scores them equal, the extreme term ranks the
+    single far statistic lower."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((20000, 10))
+    X = (X - X.mean(0)) / X.std(0)
+    rows = np.zeros((2, 10))
+    rows[0, 0] = 4.0
+    rows[1, :] = 4.0 / np.sqrt(10)
+    plain, extreme = (CombinedDetector(distance_columns=0, term_shape="softplus", extreme_weight=w,
+                                       component_grid=(1,), cv=2).fit(X) for w in (0.0, 1.0))
+    assert plain.score_samples(rows) == pytest.approx(plain.score_samples(rows)[::-1], abs=0.05)
+    one, spread = extreme.score_samples(rows)
+    assert one < spread - 1.0
 
 
 def test_combined_rejects_an_unknown_term_shape():

@@ -51,7 +51,7 @@ def _arrays(det) -> dict[str, np.ndarray]:
 
 def _scalars(det) -> dict:
     keys = ("offset_", "n_features_in_", "n_components_", "n_neighbors_", "n_epochs_", "best_epoch_", "density_mean_",
-            "density_std_")
+            "density_std_", "extreme_mean_", "extreme_std_")
     out = {k: getattr(det, k) for k in keys if hasattr(det, k)}
     if isinstance(det, GMMDetector):
         out["cv_scores_"] = {str(k): v for k, v in det.cv_scores_.items()}

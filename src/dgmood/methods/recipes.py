@@ -79,6 +79,9 @@ class MethodConfig:
             the MNIST model's vertical flip 0.946 → 0.960, contrast +0.016, FashionMNIST occlusion −0.009;
             docs/results.md) or ``linear`` (eq. C1, the form before).
         max_components: Largest mixture of the combined detector (2, 4, ... by held-out likelihood).
+        extreme_weight: Weight of the combined detector's largest-single-deviation term (eq. C3: the one statistic
+            furthest from its training range, which the mixture dilutes among the others); 0 leaves it out. Weight
+            1, equal say like every term (docs/results.md).
         mirror: Left-right mirrors are no shift: the model was trained on randomly mirrored images
             (``TrainConfig.hflip``), and the orientation statistic compares images with the training images and
             their mirrors (eq. O2), so a mirrored image scores as the original.
@@ -106,6 +109,7 @@ class MethodConfig:
     orientation_term: str = "hinge"
     term_shape: str = "softplus"
     max_components: int = 10
+    extreme_weight: float = 1.0
     mirror: bool = False
     probes: int = 4
     seed: int = 0
@@ -130,6 +134,8 @@ class MethodConfig:
                              f"and {self.orientation_bank}")
         if self.orientation_term not in ("mixture", "hinge"):
             raise ValueError(f"orientation_term must be 'mixture' or 'hinge', got {self.orientation_term!r}")
+        if not self.extreme_weight >= 0:
+            raise ValueError(f"extreme_weight must be >= 0, got {self.extreme_weight}")
         if self.term_shape not in ("linear", "softplus"):
             raise ValueError(f"term_shape must be 'linear' or 'softplus', got {self.term_shape!r}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
@@ -209,7 +215,7 @@ def _combined(kind: str, cfg: MethodConfig):
     estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
                                  max_components=cfg.max_components, acceptance=cfg.acceptance,
                                  hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"),
-                                 term_shape=cfg.term_shape)
+                                 term_shape=cfg.term_shape, extreme_weight=cfg.extreme_weight)
     return [make[f]() for f in cfg.features], estimator, True
 
 
