@@ -333,3 +333,17 @@ def test_the_combined_recipe_adds_its_terms_by_eq_c2_unless_told_otherwise():
     assert shapes == ["softplus", "linear"]
     with pytest.raises(ValueError, match="term_shape must be 'linear' or 'softplus'"):
         MethodConfig(term_shape="max")
+
+
+def test_the_combined_recipe_adds_the_extreme_term_only_when_asked():
+    from dgmood.methods.recipes import MethodConfig, build_detector
+    from dgmood.models.network import NetConfig, ScoreNet
+
+    model = ScoreNet(NetConfig(image_shape=(1, 8, 8), channels=(8,)))
+    weights = [build_detector("combined", model, "score", config).estimator.extreme_weight
+               for config in (MethodConfig(), MethodConfig(extreme_weight=1.0))]
+    assert weights == [0.0, 1.0]
+    # detectors saved before the term existed hold no extreme_weight in their settings: they still match
+    assert "extreme_weight" not in MethodConfig().to_dict() and MethodConfig(extreme_weight=1.0).to_dict()["extreme_weight"] == 1.0
+    with pytest.raises(ValueError, match="extreme_weight must be >= 0"):
+        MethodConfig(extreme_weight=-1.0)
