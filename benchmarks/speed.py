@@ -13,6 +13,8 @@ Prints and writes ``OUT/speed.json`` and ``OUT/speed.md``:
   (MNIST's test images by default);
 - wall time of ``dgmood predict`` on those images in a fresh process (start, model load, scoring, CSV), for the
   default detector and for the raw-pixel 5-NN, their ratio, and each process's peak resident memory;
+- scikit-learn's brute-force 5-NN on the same images (fit + search on decoded arrays) and the default predict's
+  ratio to it (issue 26's reference);
 - peak resident memory of ``dgmood predict`` with the default detector on ``--memory-n`` images (100,000).
 """
 
@@ -120,6 +122,20 @@ def alternating_predicts(run_dir: Path, spec: str, methods, out: Path, threads: 
                 "peak_mb": max(r["peak_mb"] for r in rs), "summary": rs[-1]["summary"]} for m, rs in runs.items()}
 
 
+def sklearn_knn_seconds(run: Run, spec: str, k: int = 5) -> float:
+    """Seconds of scikit-learn's brute-force ``NearestNeighbors`` finding the k nearest training images (raw pixels,
+    float32) of the images of ``spec``: fit + kneighbors on arrays already decoded (the issue's reference for
+    ``predict``; decoding and start-up are not counted, so the ratio to it is the stricter one)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    bank = run.images(run.config.data).reshape(-1, int(np.prod(run.config.net.image_shape)))
+    queries = run.images(spec)
+    queries = queries.reshape(len(queries), -1)
+    start = time.perf_counter()
+    NearestNeighbors(n_neighbors=k, algorithm="brute").fit(bank).kneighbors(queries)
+    return time.perf_counter() - start
+
+
 def memory_specs(n: int) -> list[str]:
     """Dataset specs of ``n`` images for the memory check: FashionMNIST train and test, MNIST test, then uniform
     and Gaussian noise for the rest (10,000 each at most; the sets every checkout has)."""
@@ -163,6 +179,8 @@ def main(argv=None) -> None:
     result["predict"] = alternating_predicts(args.run, spec, (run.config.method, "pixel-knn"), args.out, args.threads,
                                              args.repeats)
     result["predict_ratio"] = result["predict"][run.config.method]["seconds"] / result["predict"]["pixel-knn"]["seconds"]
+    result["sklearn_knn_seconds"] = sklearn_knn_seconds(run, spec)
+    result["predict_ratio_sklearn"] = result["predict"][run.config.method]["seconds"] / result["sklearn_knn_seconds"]
     (args.out / "speed.json").write_text(json.dumps(result, indent=2))  # kept if the memory check below fails
     if args.memory_n:
         many = memory_specs(args.memory_n)
@@ -184,6 +202,8 @@ def main(argv=None) -> None:
         *(f"- `dgmood predict --method {m}` on {spec}: {p['seconds']:.1f} s wall (median of "
           f"{', '.join(f'{t:.1f}' for t in p['runs'])}), peak {p['peak_mb']:.0f} MB" for m, p in result["predict"].items()),
         f"- ratio default / pixel-knn (medians): {result['predict_ratio']:.2f}",
+        f"- scikit-learn brute-force 5-NN on the same images, decoded already (fit + kneighbors): "
+        f"{result['sklearn_knn_seconds']:.1f} s; ratio default predict / it: {result['predict_ratio_sklearn']:.2f}",
     ]
     if "memory" in result:
         m = result["memory"]
