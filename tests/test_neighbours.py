@@ -104,3 +104,18 @@ def test_level_distances_are_exact_squared_level_distances():
     out = level_distances(shift(q), shift(b), torch.as_tensor(((b - 128) ** 2).sum(1), dtype=torch.int32))
     assert out.dtype == torch.int32
     np.testing.assert_array_equal(out.numpy(), ((q[:, None, :] - b[None, :, :]) ** 2).sum(2))
+
+
+def test_the_pixel_knn_searches_its_current_bank_made_ready_once(images):
+    from dgmood.statistics.knn import PixelKNN
+
+    bank, queries = images
+    stat = PixelKNN(k=3).fit(None, bank[:1000].astype(np.float32) / 255.0)
+    first = stat.compute(None, queries[:50])
+    assert stat._bank() is stat._bank()  # made ready once, then reused chunk after chunk
+    np.testing.assert_allclose(first, _reference(bank[:1000].astype(np.float32) / 255.0, queries[:50], 3)[0][:, -1],
+                               rtol=1e-4, atol=1e-4)
+    stat.bank_ = bank[1000:2000]  # a bank assigned since: searched, not the old one
+    np.testing.assert_allclose(stat.compute(None, queries[:50]),
+                               _reference(bank[1000:2000].astype(np.float32) / 255.0, queries[:50], 3)[0][:, -1],
+                               rtol=1e-4, atol=1e-4)
