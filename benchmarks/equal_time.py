@@ -1,6 +1,6 @@
 """Score-network architectures for 32 × 32 RGB compared at equal training time (issue 27).
 
-Usage: ``python benchmarks/equal_time.py --seconds 180 [--data cifar10] [--threads 2]``.
+Usage: ``python benchmarks/equal_time.py --seconds 180 [--data cifar10] [--threads 2] [--channels 64,128 ...]``.
 
 For each candidate: its training images/s is measured (bf16 autocast where the CPU computes bf16 natively, as
 ``dgmood train`` runs it), the number of steps of 128 images that fills ``--seconds`` is taken, and the product's
@@ -55,7 +55,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="cifar10")
     parser.add_argument("--eval-n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--channels", action="append", default=[],
+                        help="only these candidates, e.g. --channels 64,128 (repeatable; default: all)")
     args = parser.parse_args(argv)
+    wanted = {tuple(int(c) for c in item.split(",")) for item in args.channels}
     torch.set_num_threads(args.threads)
     data_dir = os.environ.get("DGMOOD_DATA")
     train_images = load_images(args.data, data_dir)
@@ -65,6 +68,8 @@ def main(argv=None) -> None:
           f"  (threads={args.threads}, bf16 autocast: {amp})")
     print("|---|---:|---:|---:|---:|---:|")
     for name, channels in CANDIDATES.items():
+        if wanted and channels not in wanted:
+            continue
         net = NetConfig(image_shape=tuple(train_images.shape[1:]), channels=channels)
         rate = train_throughput(net, amp=amp)
         cfg = TrainConfig(steps=max(1, int(args.seconds * rate / 128)), amp=amp, hflip=True, checkpoint_every=10 ** 9)
