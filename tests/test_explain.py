@@ -111,6 +111,16 @@ def test_explanation_shapes_and_training_scale(detector, run):
     assert all((np.rint(n.ravel() * 255) == bank).all(axis=1).any() for n in e.nearest[:5])
 
 
+def test_explanations_search_the_pixel_knn_bank_made_ready_once(detector, run):
+    knn = next(s for s in detector.statistics if s.name == "knn")
+    assert detector._pixel_search(detector.pixel_bank()) is knn.search_bank()  # not remade per request
+    x = run.images(run.config.in_test)[:5]
+    nearest = detector.explain(x).nearest.reshape(5, -1)
+    bank = detector.pixel_bank().astype(np.float32) / 255.0
+    brute = bank[((x.reshape(5, 1, -1) - bank[None]) ** 2).sum(2).argmin(1)]
+    np.testing.assert_array_equal(nearest, brute)
+
+
 def test_maps_and_moments_survive_save_and_load(detector, run, tmp_path):
     x = run.images(run.config.in_test)[:10]
     loaded = ImageDetector.load(detector.save(tmp_path / "det"))

@@ -112,10 +112,11 @@ def test_the_pixel_knn_searches_its_current_bank_made_ready_once(images):
     bank, queries = images
     stat = PixelKNN(k=3).fit(None, bank[:1000].astype(np.float32) / 255.0)
     first = stat.compute(None, queries[:50])
-    assert stat._bank() is stat._bank()  # made ready once, then reused chunk after chunk
+    assert stat.search_bank() is stat.search_bank()  # made ready once, then reused chunk after chunk
     np.testing.assert_allclose(first, _reference(bank[:1000].astype(np.float32) / 255.0, queries[:50], 3)[0][:, -1],
                                rtol=1e-4, atol=1e-4)
     stat.bank_ = bank[1000:2000]  # a bank assigned since: searched, not the old one
     np.testing.assert_allclose(stat.compute(None, queries[:50]),
                                _reference(bank[1000:2000].astype(np.float32) / 255.0, queries[:50], 3)[0][:, -1],
                                rtol=1e-4, atol=1e-4)
+

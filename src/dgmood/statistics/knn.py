@@ -62,7 +62,7 @@ class PixelKNN(Statistic):
         self._sha = self._search = None
         return self
 
-    def _bank(self):
+    def search_bank(self):
         """The bank made ready for searching, once (:func:`~dgmood.statistics.neighbours.prepare`)."""
         from dgmood.statistics.neighbours import prepare
 
@@ -74,10 +74,10 @@ class PixelKNN(Statistic):
         return search[1]
 
     def compute(self, model, images, device="cpu", progress=False):
-        return knn_distance(self._bank(), np.asarray(images, dtype=np.float32), self.k).astype(np.float64)
+        return knn_distance(self.search_bank(), np.asarray(images, dtype=np.float32), self.k).astype(np.float64)
 
     def compute_training(self, model, images, device="cpu", progress=False):
-        return knn_distance(self._bank(), np.asarray(images, dtype=np.float32), self.k,
+        return knn_distance(self.search_bank(), np.asarray(images, dtype=np.float32), self.k,
                             exclude_self=True).astype(np.float64)
 
     def bank_sha256(self) -> str:

@@ -81,11 +81,12 @@ def standardised_map(log_a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np
     return ((log_a - mean) / std).mean(axis=1).astype(np.float32)
 
 
-def nearest_indices(bank: np.ndarray, images: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+def nearest_indices(bank, images: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
     """Index (N,) of each image's nearest bank row in raw pixels (Euclidean).
 
     Args:
-        bank: (M, D) uint8 training images (as the raw-pixel k-NN keeps them) or float in [0, 1].
+        bank: (M, D) uint8 training images (as the raw-pixel k-NN keeps them) or float in [0, 1], or a
+            :class:`~dgmood.statistics.neighbours.SearchBank` of them (made ready once).
         images: (N, C, H, W) or (N, D) in [0, 1].
         exclude: (N,) a bank row to skip per image (the image itself: leave-one-out), or None.
     """
