@@ -113,7 +113,7 @@ def test_explanation_shapes_and_training_scale(detector, run):
 
 def test_explanations_search_the_pixel_knn_bank_made_ready_once(detector, run):
     knn = next(s for s in detector.statistics if s.name == "knn")
-    assert detector._pixel_search(detector.pixel_bank()) is knn.search_bank()  # not remade per request
+    assert detector._pixel_knn() is knn and knn.search_bank() is knn.search_bank()  # made ready once
     x = run.images(run.config.in_test)[:5]
     nearest = detector.explain(x).nearest.reshape(5, -1)
     bank = detector.pixel_bank().astype(np.float32) / 255.0

@@ -284,9 +284,9 @@ class ImageDetector:
         scores = self.score_values(values)
         z = self.deviations(values)
         anomaly = nearest = None
-        bank = self.pixel_bank()
-        if maps and bank is not None:
-            nearest = (bank[nearest_indices(self._pixel_search(bank), x)].astype(np.float32) / 255.0).reshape(x.shape)
+        knn = self._pixel_knn()
+        if maps and knn is not None:  # its bank made ready once, not per request
+            nearest = (knn.bank_[nearest_indices(knn.search_bank(), x)].astype(np.float32) / 255.0).reshape(x.shape)
             anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
         if maps and self.explainer is not None:
             with self._lock:
@@ -298,14 +298,13 @@ class ImageDetector:
 
     def pixel_bank(self) -> np.ndarray | None:
         """The raw-pixel training bank (M, D) uint8 of the detector's k-NN statistic, or None."""
-        return next((s.bank_ for s in self.statistics
-                     if getattr(s, "bank_", None) is not None and s.bank_.dtype == np.uint8), None)
+        knn = self._pixel_knn()
+        return None if knn is None else knn.bank_
 
-    def _pixel_search(self, bank: np.ndarray):
-        """``bank`` made ready for searching: the k-NN statistic's own prepared bank when it holds this one (made
-        once, not per request), else the array (prepared by the search)."""
-        return next((s.search_bank() for s in self.statistics
-                     if getattr(s, "bank_", None) is bank and hasattr(s, "search_bank")), bank)
+    def _pixel_knn(self):
+        """The raw-pixel k-NN statistic (a fitted uint8 bank it can search, made ready once), or None."""
+        return next((s for s in self.statistics if hasattr(s, "search_bank")
+                     and getattr(s, "bank_", None) is not None and s.bank_.dtype == np.uint8), None)
 
     def score(self, images) -> np.ndarray:
         """(N,) float64 scores of raw images (N, H, W[, C]) or (N, C, H, W), uint8 or [0, 1]; see :meth:`score_samples`."""

@@ -65,15 +65,17 @@ class SearchBank:
         return len(self.values)
 
 
-def prepare(bank) -> SearchBank:
+def prepare(bank, int8: bool | None = None) -> SearchBank:
     """``bank`` (M, ...) uint8 levels or float, made ready for :func:`kneighbors`: int8 levels between 8-bit images
-    where the int8 kernel is chosen (:func:`dgmood.utils.kernels.knn_kernel`), else float32. A SearchBank is
-    returned as it is."""
+    where the int8 kernel is chosen (:func:`dgmood.utils.kernels.knn_kernel`; ``int8=False`` forces float32), else
+    float32. A SearchBank is returned as it is."""
     if isinstance(bank, SearchBank):
         return bank
     values = np.asarray(bank)
     values = values.reshape(len(values), -1)
-    levels = values.dtype == np.uint8 and hasattr(torch, "_int_mm") and kernels.knn_kernel().value == "int8"
+    if int8 is None:  # the machine's choice, asked only for an 8-bit bank
+        int8 = values.dtype == np.uint8 and hasattr(torch, "_int_mm") and kernels.knn_kernel().value == "int8"
+    levels = bool(int8) and values.dtype == np.uint8
     rows = _int8_levels(values) if levels else _as_float(values)
     return SearchBank(values, rows, _row_norms(rows), levels)
 
@@ -127,8 +129,7 @@ def _search_space(space: SearchBank, queries: np.ndarray) -> tuple[torch.Tensor,
         levels = _grid_levels(queries)
         if levels is not None:
             return _int8_levels(levels), space
-        rows = _as_float(space.values)
-        space = SearchBank(space.values, rows, _row_norms(rows), False)
+        space = prepare(space.values, int8=False)
     return torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)), space
 
 
