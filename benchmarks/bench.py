@@ -70,7 +70,7 @@ def ensure_run(directory: Path, data: str, steps: int) -> Run:
 
 
 def _head(spec: str, n: int | None) -> str:
-    return spec if n is None else f"{spec.split('[')[0]}[:{n}]"
+    return spec if n is None else datasets.head_spec(spec, n)
 
 
 def test_sets(run: Run, n: int | None = None) -> tuple[str, dict[str, Callable[[], np.ndarray]]]:

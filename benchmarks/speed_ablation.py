@@ -31,6 +31,7 @@ from bench import SHIFTS  # noqa: E402
 from speed import statistic_ms as ms_per_image  # noqa: E402
 
 from dgmood.app.runs import Run  # noqa: E402
+from dgmood.data import datasets  # noqa: E402
 from dgmood.evaluation.evaluate import evaluate_detectors  # noqa: E402
 from dgmood.methods.recipes import build_detector  # noqa: E402
 
@@ -100,7 +101,7 @@ def defect_loaders(run: Run, in_spec: str) -> dict:
 def sets(run: Run, n: int, more: bool = False, other_kinds: bool = False, defects: bool = False
          ) -> tuple[str, dict]:
     """In-distribution test spec and OOD loaders (name = cache key)."""
-    in_spec = f"{run.config.in_test.split('[')[0]}[:{n}]"
+    in_spec = datasets.head_spec(run.config.in_test, n)
     other = "mnist:test" if "fashion" in run.config.data else "fashion-mnist:test"
     loaders = {s: (lambda s=s: run.images(s)) for s in [f"{other}[:{n}]", "uniform[:500]", "gaussian[:500]",
                                                          "constant[:500]"]}

@@ -88,3 +88,15 @@ def test_defects_change_one_square_and_cutpaste_takes_another_class(photos):
         patch = img[:, top:top + 4, left:left + 4]
         assert any((patch == d[:, r:r + 4, c:c + 4]).all() for d in donors[len(photos):]
                    for r in range(29) for c in range(29))
+
+
+def test_holes_and_pasted_patches_go_where_they_change_the_image():
+    from checks import MIN_CHANGE, blank, cutpaste
+
+    x = np.zeros((20, 1, 28, 28), np.float32)
+    x[:, :, :, 20:] = 0.8  # an object on the right quarter, black background elsewhere
+    for out in (blank(x, 6), cutpaste(x, np.zeros(20, int), 1 - x, np.ones(20, int), 6)):
+        change = np.abs(out - x)
+        assert all(c.sum() / 36 >= MIN_CHANGE for c in change)  # never a square that changes nothing
+    dark = np.zeros((3, 1, 28, 28), np.float32)  # nothing to hide: the hole goes where it changes most (nowhere)
+    np.testing.assert_array_equal(blank(dark, 6), dark)

@@ -53,6 +53,8 @@ class MethodConfig:
         features: Statistics of the combined detector, a subset of :data:`COMBINED_FEATURES`.
         knn_k: k of the raw-pixel k-NN distance.
         knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
+        knn_local: Neighbours K of the local residual (eqs. L2–L3: the patch of the image that none of its K nearest
+            training images explains), a one-sided term of the combined detector; 0 leaves it out.
         combined_sigma_stride: The combined detector's score norms use every n-th σ of ``sigmas`` (2: five of
             MSMA's ten levels; measured equal on the shift checks and half the cost, docs/results.md).
         reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps
@@ -97,6 +99,7 @@ class MethodConfig:
     features: tuple[str, ...] = DEFAULT_COMBINED_FEATURES
     knn_k: int = 5
     knn_weight: float = 1.0
+    knn_local: int = 0
     reconstruction_sigmas: tuple[float, ...] = (0.1, 0.3)
     combined_sigma_stride: int = 2
     reconstruction_steps: int = 1
@@ -140,18 +143,20 @@ class MethodConfig:
             raise ValueError(f"extreme_weight must be >= 0, got {self.extreme_weight}")
         if self.term_shape not in ("linear", "softplus"):
             raise ValueError(f"term_shape must be 'linear' or 'softplus', got {self.term_shape!r}")
+        if self.knn_local < 0:
+            raise ValueError(f"knn_local must be >= 0 (0: no local residual), got {self.knn_local}")
         if self.knn_k < 1 or self.feature_knn_k < 1 or self.feature_knn_bank < 2:
             raise ValueError(f"knn_k and feature_knn_k must be >= 1 and feature_knn_bank >= 2, got {self.knn_k}, "
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
 
     def to_dict(self) -> dict:
-        """JSON-ready settings; ``mirror`` and ``extreme_weight`` only when set, so detectors saved before they
-        existed still match."""
+        """JSON-ready settings; ``mirror``, ``extreme_weight`` and ``knn_local`` only when set, so detectors saved
+        before they existed still match."""
         d = json.loads(json.dumps(asdict(self)))
         return {k: v for k, v in d.items() if k not in _WRITTEN_WHEN_SET or v}
 
 
-_WRITTEN_WHEN_SET = ("mirror", "extreme_weight")
+_WRITTEN_WHEN_SET = ("mirror", "extreme_weight", "knn_local")
 
 
 @dataclass(frozen=True)
@@ -216,11 +221,12 @@ def _combined(kind: str, cfg: MethodConfig):
         "fknn": lambda: FeatureKNN(feature_sigma(cfg), k=cfg.feature_knn_k, max_bank=cfg.feature_knn_bank,
                                    batch_size=cfg.batch_size),
         "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank, cfg.mirror),
-        "knn": lambda: PixelKNN(cfg.knn_k),
+        "knn": lambda: PixelKNN(cfg.knn_k, cfg.knn_local),
     }
-    estimator = CombinedDetector(distance_columns=int("knn" in cfg.features), distance_weight=cfg.knn_weight,
-                                 max_components=cfg.max_components, acceptance=cfg.acceptance,
-                                 hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"),
+    knn = "knn" in cfg.features
+    hinges = int("orient" in cfg.features and cfg.orientation_term == "hinge") + int(knn and cfg.knn_local > 0)
+    estimator = CombinedDetector(distance_columns=int(knn), distance_weight=cfg.knn_weight,
+                                 max_components=cfg.max_components, acceptance=cfg.acceptance, hinge_columns=hinges,
                                  term_shape=cfg.term_shape, extreme_weight=cfg.extreme_weight)
     return [make[f]() for f in cfg.features], estimator, True
 

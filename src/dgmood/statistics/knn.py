@@ -37,27 +37,34 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 @register
 class PixelKNN(Statistic):
-    """Distance to the k-th nearest training image in raw pixels, shape (N,), [0, 1] pixel units.
+    """Distance to the k-th nearest training image in raw pixels, shape (N,), [0, 1] pixel units; with ``local_k``
+    also the local residual against the ``local_k`` nearest (eqs. L2–L3, :mod:`dgmood.statistics.residual`), then
+    shape (N, 2): (residual, distance), squared pixel units and pixel units.
 
     ``fit`` keeps the training images as an 8-bit bank (``bank_``, (M, D) uint8: lossless for 8-bit images,
     a quarter of float32). The training images' own values (``compute_training``) leave each image's zero
-    distance to itself out, so they are those of unseen in-distribution images. Needs no model.
+    distance to itself out, so they are those of unseen in-distribution images. Both readings come from one search.
+    Needs no model.
 
     Args:
         k: Which neighbour (5: the raw-pixel 5-NN baseline).
+        local_k: Neighbours K of the local residual; 0 leaves it out (what detectors saved before it use).
+        patch, shift: The residual's patch side and largest shift, pixels (eq. L2).
     """
 
     name = "knn"
     log_scale = True
     fitted = ("bank_",)
 
-    def __init__(self, k=5):
-        self.k = int(k)
+    def __init__(self, k=5, local_k=0, patch=5, shift=1):
+        self.k, self.local_k, self.patch, self.shift = int(k), int(local_k), int(patch), int(shift)
         self.bank_ = None
 
     def fit(self, model, images, device="cpu", progress=False):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.k < 1 or self.local_k < 0:
+            raise ValueError(f"k must be >= 1 and local_k >= 0, got {self.k} and {self.local_k}")
+        if self.patch < 1 or self.patch % 2 == 0 or self.shift < 0:
+            raise ValueError(f"patch must be odd and >= 1 and shift >= 0, got {self.patch} and {self.shift}")
         self.bank_ = to_uint8(images)
         self._sha = self._search = None
         return self
@@ -74,11 +81,32 @@ class PixelKNN(Statistic):
         return search[1]
 
     def compute(self, model, images, device="cpu", progress=False):
-        return knn_distance(self.search_bank(), np.asarray(images, dtype=np.float32), self.k).astype(np.float64)
+        return self._values(np.asarray(images, dtype=np.float32), skip=0)
 
     def compute_training(self, model, images, device="cpu", progress=False):
-        return knn_distance(self.search_bank(), np.asarray(images, dtype=np.float32), self.k,
-                            exclude_self=True).astype(np.float64)
+        return self._values(np.asarray(images, dtype=np.float32), skip=1)
+
+    def _values(self, images: np.ndarray, skip: int, chunk: int = 512) -> np.ndarray:
+        """Both readings, a chunk of images at a time; ``skip`` nearest neighbours left out (1: the image itself)."""
+        from dgmood.statistics.neighbours import kneighbors
+        from dgmood.statistics.residual import peak_residual
+
+        need = max(self.k, self.local_k) + skip
+        if len(self.search_bank()) < need:
+            raise ValueError(f"the k-NN term needs at least {need} training images, got {len(self.bank_)}")
+        out = np.empty((len(images), 2 if self.local_k else 1), np.float64)
+        for start in range(0, len(images), chunk):
+            x = images[start:start + chunk]
+            dist, index = kneighbors(self.search_bank(), x, need)
+            out[start:start + len(x), -1] = dist[:, self.k + skip - 1]
+            if self.local_k:
+                picked = index[:, skip:skip + self.local_k]
+                neighbours = self.bank_[picked].reshape(*picked.shape, *x.shape[1:]).astype(np.float32) / 255.0
+                out[start:start + len(x), 0] = peak_residual(x, neighbours, self.patch, self.shift)
+        return out if self.local_k else out[:, 0]
+
+    def columns(self, n_columns: int) -> list[str]:
+        return ["knn-local", "knn"] if n_columns == 2 else super().columns(n_columns)
 
     def bank_sha256(self) -> str:
         """Checksum of the bank: part of the cache key (another bank, other distances)."""
@@ -87,7 +115,8 @@ class PixelKNN(Statistic):
         return self._sha
 
     def cache_settings(self, training: bool = False) -> dict:
-        return {"k": self.k, "bank": self.bank_sha256()[:16], "leave_one_out": bool(training)}
+        local = {"local_k": self.local_k, "patch": self.patch, "shift": self.shift} if self.local_k else {}
+        return {"k": self.k, "bank": self.bank_sha256()[:16], "leave_one_out": bool(training), **local}
 
     def set_state(self, scalars, arrays):
         super().set_state(scalars, arrays)
