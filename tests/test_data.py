@@ -394,3 +394,29 @@ def test_data_error_is_value_error():
     assert issubclass(DataError, ValueError)
     assert set(data.__all__) <= set(dir(data))
     assert os.fspath(data.dataset_file("mnist", "test", data_dir="/d")) == "/d/mnist/t10k-images-idx3-ubyte.gz"
+
+
+def test_shared_images_sees_a_test_set_that_is_the_training_set(tmp_path):
+    from dgmood.data.datasets import dataset_file, shared_images
+
+    path = dataset_file("mnist", "test", "images", tmp_path)  # only MNIST's test file here: "mnist" means it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    assert shared_images("mnist", "mnist:test", tmp_path)
+    assert shared_images("mnist[:5000]", "mnist:test[4000:]", tmp_path)
+    assert not shared_images("mnist:test[:7000]", "mnist:test[7000:]", tmp_path)
+    assert not shared_images("fashion-mnist", "fashion-mnist:test", tmp_path)
+    assert not shared_images("mnist", "fashion-mnist:test", tmp_path)
+
+
+def test_a_run_refuses_a_test_set_of_its_own_training_images(tmp_path):
+    from dgmood.app.runs import Run, RunConfig
+    from dgmood.data.datasets import DataError, dataset_file
+
+    path = dataset_file("mnist", "test", "images", tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    run = Run(tmp_path / "run", data_dir=tmp_path / "data")
+    with pytest.raises(DataError, match="holds training images"):
+        run.create(RunConfig(data="mnist", in_test="mnist:test"))
+    assert run.create(RunConfig(data="mnist:test[:7000]", in_test="mnist:test[7000:]")).in_test == "mnist:test[7000:]"

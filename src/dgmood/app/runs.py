@@ -161,6 +161,11 @@ class Run:
         if not in_test:  # a custom set with no test split: hold a seeded fraction of it out
             config = replace(config, holdout=config.holdout or DEFAULT_HOLDOUT)
             in_test = HELDOUT
+        elif datasets.shared_images(config.data, in_test, self.data_dir):
+            raise datasets.DataError(
+                f"the in-distribution test set {in_test!r} holds training images of {config.data!r}, so every test "
+                "score would be on an image the model has seen; leave out --in to hold part of the data out, or "
+                "split it, e.g. --data 'mnist:test[:7000]' --in 'mnist:test[7000:]'")
         config = replace(config, in_test=in_test)
         self.save_config(config)
         return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -212,6 +213,22 @@ def split_slice(spec: str) -> tuple[str, int | None, int | None]:
     if spec.endswith("]") and "[" in spec and not Path(spec).expanduser().exists():
         raise DataError(f"bad slice in '{spec}'; write [start:stop] with integers and no step, e.g. mnist[:8000]")
     return spec, None, None
+
+
+def shared_images(a: str, b: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether specs ``a`` and ``b`` can select the same images: one named dataset's split (resolved as loading
+    would: ``mnist`` is its test split where no training file exists), overlapping slices. Slices with negative
+    bounds count as overlapping (their ends depend on the set's size)."""
+    sa, sb = parse_spec(a), parse_spec(b)
+    if sa.kind != "named" or sb.kind != "named" or sa.name != sb.name:
+        return False
+    if _resolve_split(sa, data_dir) != _resolve_split(sb, data_dir):
+        return False
+    bounds = [(s.start or 0, math.inf if s.stop is None else s.stop) for s in (sa, sb)]
+    if any(v < 0 for pair in bounds for v in pair):
+        return True
+    (a0, a1), (b0, b1) = bounds
+    return max(a0, b0) < min(a1, b1)
 
 
 def _path_kind(path: str) -> str | None:
