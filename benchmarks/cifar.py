@@ -150,13 +150,18 @@ def main(argv=None) -> None:
     parser.add_argument("--check-n", type=int, default=2000, help="test images the checks are made from")
     parser.add_argument("--dual-n", type=int, default=500, help="images per set for the dual threshold (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", default="", help="NAME=JSON overrides of the combined detector's MethodConfig "
+                        "(written to RUN/bench-cifar-NAME.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Run(args.run, progress=True)
     in_spec = run.config.in_test if args.n is None else f"{run.config.in_test}[:{args.n}]"
     start = time.perf_counter()
     ood, flagged, accepted = build_sets(run, in_spec, args.n, args.check_n)
-    ev, dets = run.evaluate_methods(list(METHODS), [*ood.values(), *flagged.values(), *accepted.values()], in_spec)
+    name, _, overrides = args.variant.partition("=")
+    config = run.method_config(**json.loads(overrides or "{}"))
+    ev, dets = run.evaluate_methods(list(METHODS), [*ood.values(), *flagged.values(), *accepted.values()], in_spec,
+                                    config=config)
     tables = {"ood": ood_table(ev, ood), "checks": checks_table(ev, dets, flagged, accepted)}
     out = {"in": in_spec, "train": run.config.data, "results": ev.results, "model_sha256": run.model_sha,
            "acceptance": {m: {name: acceptance(ev, dets, m, spec) for name, spec in {"test": None, **accepted}.items()}
@@ -168,7 +173,7 @@ def main(argv=None) -> None:
         tables["dual"], out["dual"] = dual_rows(run, in_spec, ood, args.dual_n)
         print("", tables["dual"], sep="\n")
     out["tables"] = tables
-    (args.run / "bench-cifar.json").write_text(json.dumps(out, indent=2, default=float))
+    (args.run / (f"bench-cifar-{name}.json" if name else "bench-cifar.json")).write_text(json.dumps(out, indent=2, default=float))
 
 
 if __name__ == "__main__":

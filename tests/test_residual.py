@@ -90,3 +90,16 @@ def test_bad_residual_settings_say_what_to_do():
     with pytest.raises(ValueError, match="needs at least 10"):
         PixelKNN(k=5, local_k=10).fit(None, np.zeros((9, 1, 4, 4), np.float32)).compute(
             None, np.zeros((1, 1, 4, 4), np.float32))
+
+
+def test_the_combined_recipe_averages_the_residual_into_the_raw_pixel_term():
+    from dgmood.methods.recipes import MethodConfig, build_detector
+    from dgmood.models.network import NetConfig, ScoreNet
+
+    model = ScoreNet(NetConfig(image_shape=(1, 8, 8), channels=(8,)))
+    plain, local = (build_detector("combined", model, "score", MethodConfig(knn_local=k)) for k in (0, 10))
+    assert plain.estimator.distance_columns == 1 and plain.statistics[-1].local_k == 0
+    assert local.estimator.distance_columns == 2 and local.statistics[-1].local_k == 10
+    assert plain.estimator.hinge_columns == local.estimator.hinge_columns  # the orientation term only
+    with pytest.raises(ValueError, match="knn_local must be >= 0"):
+        MethodConfig(knn_local=-1)

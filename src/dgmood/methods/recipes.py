@@ -54,7 +54,9 @@ class MethodConfig:
         knn_k: k of the raw-pixel k-NN distance.
         knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
         knn_local: Neighbours K of the local residual (eqs. L2–L3: the patch of the image that none of its K nearest
-            training images explains), a one-sided term of the combined detector; 0 leaves it out.
+            training images explains); the combined detector's raw-pixel term then averages it with the k-NN
+            distance (both standardised), 0 leaves it out. As a term of its own it found more defects but lowered
+            blurred and low-contrast images' AUROC by 0.02–0.03 (docs/results.md).
         combined_sigma_stride: The combined detector's score norms use every n-th σ of ``sigmas`` (2: five of
             MSMA's ten levels; measured equal on the shift checks and half the cost, docs/results.md).
         reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps
@@ -223,10 +225,11 @@ def _combined(kind: str, cfg: MethodConfig):
         "orient": lambda: Orientation(cfg.orientation_grid, cfg.knn_k, cfg.orientation_bank, cfg.mirror),
         "knn": lambda: PixelKNN(cfg.knn_k, cfg.knn_local),
     }
-    knn = "knn" in cfg.features
-    hinges = int("orient" in cfg.features and cfg.orientation_term == "hinge") + int(knn and cfg.knn_local > 0)
-    estimator = CombinedDetector(distance_columns=int(knn), distance_weight=cfg.knn_weight,
-                                 max_components=cfg.max_components, acceptance=cfg.acceptance, hinge_columns=hinges,
+    knn = "knn" in cfg.features  # its columns close the row: the distance, after the local residual when asked
+    estimator = CombinedDetector(distance_columns=int(knn) * (1 + int(cfg.knn_local > 0)),
+                                 distance_weight=cfg.knn_weight, max_components=cfg.max_components,
+                                 acceptance=cfg.acceptance,
+                                 hinge_columns=int("orient" in cfg.features and cfg.orientation_term == "hinge"),
                                  term_shape=cfg.term_shape, extreme_weight=cfg.extreme_weight)
     return [make[f]() for f in cfg.features], estimator, True
 
