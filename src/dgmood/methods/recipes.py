@@ -55,8 +55,11 @@ class MethodConfig:
         knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
         knn_local: Neighbours K of the local residual (eqs. L2–L3: the patch of the image that none of its K nearest
             training images explains); the combined detector's raw-pixel term then averages it with the k-NN
-            distance (both standardised), 0 leaves it out. As a term of its own it found more defects but lowered
-            blurred and low-contrast images' AUROC by 0.02–0.03 (docs/results.md).
+            distance (both standardised). It raised every small-defect check of three models by 0.02–0.08 and moved
+            no global check of the 28 × 28 models by more than 0.005, but it adds 17 s to scoring 10,000 CIFAR-10
+            images (51 → 69 s), past the minute `predict` must keep, so 0 (left out) is the default until it is
+            faster (docs/results.md). As a term of its own it found more defects but lowered blurred and
+            low-contrast images' AUROC by 0.02–0.03.
         combined_sigma_stride: The combined detector's score norms use every n-th σ of ``sigmas`` (2: five of
             MSMA's ten levels; measured equal on the shift checks and half the cost, docs/results.md).
         reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps
