@@ -100,8 +100,8 @@ def test_cli_writes_metrics_plots_and_report(score_run, data_dir, sets):
 
 def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, sets, monkeypatch):
     import dgmood.detectors.estimators as detectors
-    import dgmood.statistics.knn as knn
     import dgmood.statistics.lens as lens
+    import dgmood.statistics.neighbours as neighbours
     import dgmood.statistics.score_norms as features
 
     config = CombinedConfig(features=("msma", "flipd", "knn"))
@@ -110,7 +110,7 @@ def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, se
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    for module, name in [(lens, "compute_statistic"), (features, "score_norms"), (knn, "knn_distance")]:
+    for module, name in [(lens, "compute_statistic"), (features, "score_norms"), (neighbours, "kneighbors")]:
         monkeypatch.setattr(module, name, fail)
     second = evaluate_combined(score_run, config, list(sets["ood"]))
     np.testing.assert_array_equal(first.scores["combined"]["in"], second.scores["combined"]["in"])
