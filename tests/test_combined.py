@@ -117,7 +117,8 @@ def test_second_evaluation_recomputes_and_refits_nothing(score_run, data_dir, se
     monkeypatch.setattr(detectors.GMMDetector, "fit", fail)  # the saved mixture is loaded, not refitted
     third = evaluate_combined(score_run, config, list(sets["ood"]))
     n_norms = len(config.sigmas[::config.combined_sigma_stride])  # every second of the ten σ
-    assert third.detector.n_features_in_ == n_norms + 1 + 1 and third.detector.distance_columns == 1
+    # score norms, FLIPD, then the raw-pixel term's two columns (local residual, distance)
+    assert third.detector.n_features_in_ == n_norms + 1 + 2 and third.detector.distance_columns == 2
     np.testing.assert_allclose(third.scores["combined"]["in"], first.scores["combined"]["in"], rtol=1e-12)
 
 
@@ -125,7 +126,7 @@ def test_feature_subset_changes_the_mixture_and_extra_sets_are_scored(score_run,
     x_in = np.load(sets["in"]).transpose(0, 3, 1, 2)
     ev = evaluate_combined(score_run, CombinedConfig(features=("complexity", "knn")), [],
                            extra_sets={"inverted-test": lambda: 1.0 - x_in})
-    assert ev.detector.n_features_in_ == 2 and ev.detector.distance_columns == 1
+    assert ev.detector.n_features_in_ == 3 and ev.detector.distance_columns == 2  # complexity; residual, distance
     assert ev.scores["combined"]["ood"]["inverted-test"].shape == (40,)
     assert 0.0 <= ev.results["combined"]["inverted-test"]["auroc"] <= 1.0
 

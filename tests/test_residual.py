@@ -103,5 +103,6 @@ def test_the_combined_recipe_averages_the_residual_into_the_raw_pixel_term():
     assert plain.estimator.hinge_columns == local.estimator.hinge_columns  # the orientation term only
     with pytest.raises(ValueError, match="knn_local must be >= 0"):
         MethodConfig(knn_local=-1)
-    # 0 (the default) is not written, so detectors saved before the residual existed still match
-    assert "knn_local" not in MethodConfig().to_dict() and MethodConfig(knn_local=10).to_dict()["knn_local"] == 10
+    # the default since 2026-12-08; 0 is not written, so detectors saved before the residual existed still match
+    assert MethodConfig().knn_local == 10 and MethodConfig().to_dict()["knn_local"] == 10
+    assert "knn_local" not in MethodConfig(knn_local=0).to_dict()

@@ -54,12 +54,11 @@ class MethodConfig:
         knn_k: k of the raw-pixel k-NN distance.
         knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
         knn_local: Neighbours K of the local residual (eqs. L2–L3: the patch of the image that none of its K nearest
-            training images explains); the combined detector's raw-pixel term then averages it with the k-NN
-            distance (both standardised). It raised every small-defect check of three models by 0.02–0.08 and moved
-            no global check of the 28 × 28 models by more than 0.005, but it adds 17 s to scoring 10,000 CIFAR-10
-            images (51 → 69 s), past the minute `predict` must keep, so 0 (left out) is the default until it is
-            faster (docs/results.md). As a term of its own it found more defects but lowered blurred and
-            low-contrast images' AUROC by 0.02–0.03.
+            training images explains); the combined detector's raw-pixel term averages it with the k-NN distance
+            (both standardised). It raised every small-defect check of three models by 0.02–0.06 and lowered no
+            global check of the 28 × 28 models by more than 0.005, for ~2 s per 10,000 CIFAR-10 images
+            (docs/results.md). 0 leaves it out (what detectors saved before it use). As a term of its own it found
+            more defects but lowered blurred and low-contrast images' AUROC by 0.02–0.03.
         combined_sigma_stride: The combined detector's score norms use every n-th σ of ``sigmas`` (2: five of
             MSMA's ten levels; measured equal on the shift checks and half the cost, docs/results.md).
         reconstruction_sigmas, reconstruction_steps: The reconstruction error's noise levels and Euler steps
@@ -104,7 +103,7 @@ class MethodConfig:
     features: tuple[str, ...] = DEFAULT_COMBINED_FEATURES
     knn_k: int = 5
     knn_weight: float = 1.0
-    knn_local: int = 0
+    knn_local: int = 10
     reconstruction_sigmas: tuple[float, ...] = (0.1, 0.3)
     combined_sigma_stride: int = 2
     reconstruction_steps: int = 1
@@ -155,8 +154,8 @@ class MethodConfig:
                              f"{self.feature_knn_k} and {self.feature_knn_bank}")
 
     def to_dict(self) -> dict:
-        """JSON-ready settings; ``mirror``, ``extreme_weight`` and ``knn_local`` only when set, so detectors saved
-        before they existed still match."""
+        """JSON-ready settings; ``mirror``, ``extreme_weight`` and ``knn_local`` only when set (``knn_local = 0``, the
+        form before the residual, is left out), so detectors saved before they existed still match."""
         d = json.loads(json.dumps(asdict(self)))
         return {k: v for k, v in d.items() if k not in _WRITTEN_WHEN_SET or v}
 

@@ -15,8 +15,8 @@ correspondences to the K nearest normal images), with raw pixels for features:
    P_hw the p × p patch centred at hw (cut at the border), ‖·‖ over channels, [0, 1] pixel scale;
 2. the image's value, its most unexplained patch (eq. L3): R(x) = max_hw r(x)_hw.
 
-The shifts let a neighbour drawn a pixel to one side still explain a patch; the minimum over neighbours lets each
-part of the image find its own best match.
+The minimum over neighbours lets each part of the image find its own best match; shifts (none by default: nine times
+the work for ≤ 0.016 AUROC on FashionMNIST's defects) would let a neighbour drawn a pixel to one side explain a patch.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ def _patch_mean(values: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_map(images, neighbours, patch: int = 5, shift: int = 1) -> torch.Tensor:
+def residual_map(images, neighbours, patch: int = 5, shift: int = 0) -> torch.Tensor:
     """Eq. L2: r(x)_hw, the least patch residual of each pixel over the neighbours and shifts.
 
     Args:
         images: (N, C, H, W) float, [0, 1] scale.
-        neighbours: (N, K, C, H, W) float, each image's K nearest training images, same scale.
+        neighbours: (N, K, C, H, W), each image's K nearest training images on the same scale (any dtype: uint8
+            levels with ``images`` in levels too, 0–255, give the map in squared levels).
         patch: Patch side p (odd), pixels.
         shift: Largest shift s of a neighbour each way, pixels.
 
@@ -47,18 +48,20 @@ def residual_map(images, neighbours, patch: int = 5, shift: int = 1) -> torch.Te
         (N, H, W) float32, squared pixel units (channels summed).
     """
     x = torch.as_tensor(images, dtype=torch.float32)
-    nb = torch.as_tensor(neighbours, dtype=torch.float32)
+    nb = torch.as_tensor(neighbours).float()  # uint8 levels convert here, in one pass
     n, k, c, h, w = nb.shape
     s = int(shift)
-    padded = F.pad(nb.reshape(n, k * c, h, w), (s, s, s, s), mode="replicate").reshape(n, k, c, h + 2 * s, w + 2 * s)
-    best = torch.full((n, h, w), float("inf"))
+    if s:
+        nb = F.pad(nb.reshape(n, k * c, h, w), (s, s, s, s), mode="replicate").reshape(n, k, c, h + 2 * s, w + 2 * s)
+    best = None
     for dy in range(2 * s + 1):
         for dx in range(2 * s + 1):
-            squared = ((padded[..., dy:dy + h, dx:dx + w] - x[:, None]) ** 2).sum(dim=2)  # (N, K, H, W)
-            best = torch.minimum(best, _patch_mean(squared.reshape(n * k, h, w), patch).reshape(n, k, h, w).amin(1))
+            squared = (nb[..., dy:dy + h, dx:dx + w] - x[:, None]).square_().sum(dim=2)  # (N, K, H, W)
+            least = _patch_mean(squared.reshape(n * k, h, w), patch).reshape(n, k, h, w).amin(1)
+            best = least if best is None else torch.minimum(best, least)
     return best
 
 
-def peak_residual(images, neighbours, patch: int = 5, shift: int = 1) -> np.ndarray:
+def peak_residual(images, neighbours, patch: int = 5, shift: int = 0) -> np.ndarray:
     """Eq. L3: R(x) = max_hw r(x)_hw (:func:`residual_map`), shape (N,) float64, squared pixel units."""
     return residual_map(images, neighbours, patch, shift).flatten(1).amax(1).double().numpy()
