@@ -49,7 +49,7 @@ def main() -> None:
         raw.smooth = 0.0
         m5, m3 = raw.compute(det.model, patched, nearest=e.nearest), raw.compute(det.model, patched)
         row = {f"anomaly map (eq. M6: M5 smoothed at {explainer.smooth:g} px, the detector's)": pixel_auroc(e.maps, masks),
-               "eq. M5 unsmoothed": pixel_auroc(m5, masks),
+               "eq. M5 unsmoothed, against the nearest image only": pixel_auroc(m5, masks),
                "its score-field part (eq. M3, unsmoothed)": pixel_auroc(m3, masks),
                "nearest-image difference (eq. M4)": pixel_auroc(difference, masks),
                f"nearest-image difference smoothed at {SMOOTH:g} px": pixel_auroc(smoothed_map(difference, SMOOTH), masks)}

@@ -64,6 +64,25 @@ def test_standardised_and_difference_maps():
     assert d.shape == (1, 4, 5) and d[0, 1, 2] == pytest.approx(0.6) and d.sum() == pytest.approx(0.6)
 
 
+def test_difference_against_several_neighbours_takes_each_pixels_best():
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 3, 4, 5))
+    n = rng.random((2, 4, 3, 4, 5))
+    brute = np.min([np.abs(x - n[:, k]).mean(axis=1) for k in range(4)], axis=0)
+    np.testing.assert_allclose(difference_map(x, n), brute, rtol=1e-6)
+    np.testing.assert_allclose(difference_map(x, n[:, :1]), difference_map(x, n[:, 0]), rtol=1e-7)  # K = 1: eq. M4
+    left, right = x.copy(), x.copy()
+    left[..., 2:], right[..., :2] = 0.0, 0.0  # each neighbour explains half the image: together, all of it
+    assert difference_map(x, np.stack([left, right], axis=1))[..., [0, 1, 3, 4]].max() == 0.0
+
+
+def test_the_combined_recipes_map_compares_each_pixel_with_ten_neighbours():
+    from dgmood.methods.recipes import MethodConfig, explainer_for
+
+    assert explainer_for("combined", "score", MethodConfig()).neighbours == 10
+    assert AnomalyMap().neighbours == 1  # what maps saved before it use: they load unchanged
+
+
 def test_combined_map_averages_the_two_views_in_training_units():
     m, d = np.full((1, 2, 2), 3.0), np.full((1, 2, 2), 0.5)
     np.testing.assert_allclose(combined_map(m, d, np.full((2, 2), 0.3), np.full((2, 2), 0.1)), 0.5 * (3 + 2))

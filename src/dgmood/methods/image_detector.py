@@ -285,13 +285,18 @@ class ImageDetector:
         z = self.deviations(values)
         anomaly = nearest = None
         knn = self._pixel_knn()
+        neighbours = None
         if maps and knn is not None:  # its bank made ready once, not per request
-            nearest = (knn.bank_[nearest_indices(knn.search_bank(), x)].astype(np.float32) / 255.0).reshape(x.shape)
+            k = getattr(self.explainer, "neighbours", 1)
+            index = nearest_indices(knn.search_bank(), x, k=k).reshape(len(x), k)
+            neighbours = (knn.bank_[index].astype(np.float32) / 255.0).reshape(len(x), k, *x.shape[1:])
+            nearest = neighbours[:, 0]
             anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
         if maps and self.explainer is not None:
             with self._lock:
                 anomaly = np.concatenate([self.explainer.compute(
-                    self.network_for(self.explainer), x[i:i + _CHUNK], self.device, nearest=None if nearest is None else nearest[i:i + _CHUNK])
+                    self.network_for(self.explainer), x[i:i + _CHUNK], self.device,
+                    nearest=None if neighbours is None else neighbours[i:i + _CHUNK])
                     for i in range(0, len(x), _CHUNK)])
         verdicts = np.where(np.isfinite(scores) & (scores >= self.threshold), 1, -1)
         return Explanation(scores, verdicts, z, reasons(z, self.columns_), anomaly, nearest, values)

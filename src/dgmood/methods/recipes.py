@@ -246,7 +246,7 @@ def explainer_for(method: str, kind: str, cfg: MethodConfig):
     if kind != "score" or method != "combined":
         return None
     levels = [s for s in cfg.sigmas[::cfg.combined_sigma_stride] if s >= MAP_SIGMA_MIN] or [max(cfg.sigmas)]
-    return AnomalyMap(levels, batch_size=min(cfg.batch_size, 256))
+    return AnomalyMap(levels, batch_size=min(cfg.batch_size, 256), neighbours=10)
 
 
 def _msma(name: str):
