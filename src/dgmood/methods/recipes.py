@@ -55,8 +55,9 @@ class MethodConfig:
         knn_weight: Weight of the k-NN term against the mixture (training standard deviations).
         knn_local: Neighbours K of the local residual (eqs. L2–L3: the patch of the image that none of its K nearest
             training images explains); the combined detector's raw-pixel term averages it with the k-NN distance
-            (both standardised). It raised every small-defect check of three models by 0.02–0.06 and lowered no
-            global check of the 28 × 28 models by more than 0.005, for ~2 s per 10,000 CIFAR-10 images
+            (both standardised). It raised the small-defect checks of three models by up to 0.06 (6 × 6 holes and
+            pasted patches +0.02 to +0.05) and lowered no global check of the 28 × 28 models by more than 0.005, for
+            ~1 s per 10,000 CIFAR-10 images in `predict`
             (docs/results.md). 0 leaves it out (what detectors saved before it use). As a term of its own it found
             more defects but lowered blurred and low-contrast images' AUROC by 0.02–0.03.
         combined_sigma_stride: The combined detector's score norms use every n-th σ of ``sigmas`` (2: five of
