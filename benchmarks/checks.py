@@ -107,6 +107,7 @@ MIN_CHANGE = 0.2
 scale): a black square on black background, or a patch pasted onto the same content, leaves the image as it was
 and is no defect (at random places on FashionMNIST 20 % of 6 × 6 black squares changed nothing, on MNIST 38 %)."""
 
+
 def _changing_place(change: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     """A random top-left corner among those whose square changes the image by at least :data:`MIN_CHANGE`
     (``change``: (H − s + 1, W − s + 1), the mean absolute change of the square at each corner); the corner of the

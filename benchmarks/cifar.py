@@ -173,7 +173,8 @@ def main(argv=None) -> None:
         tables["dual"], out["dual"] = dual_rows(run, in_spec, ood, args.dual_n)
         print("", tables["dual"], sep="\n")
     out["tables"] = tables
-    (args.run / (f"bench-cifar-{name}.json" if name else "bench-cifar.json")).write_text(json.dumps(out, indent=2, default=float))
+    target = args.run / (f"bench-cifar-{name}.json" if name else "bench-cifar.json")
+    target.write_text(json.dumps(out, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -291,7 +291,8 @@ class ImageDetector:
             index = nearest_indices(knn.search_bank(), x, k=k).reshape(len(x), k)
             neighbours = (knn.bank_[index].astype(np.float32) / 255.0).reshape(len(x), k, *x.shape[1:])
             nearest = neighbours[:, 0]
-            anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
+            if self.explainer is None:  # the detector's own map replaces it below
+                anomaly = smoothed_map(difference_map(x, nearest), SMOOTH)
         if maps and self.explainer is not None:
             with self._lock:
                 anomaly = np.concatenate([self.explainer.compute(

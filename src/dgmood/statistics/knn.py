@@ -93,13 +93,13 @@ class PixelKNN(Statistic):
         from dgmood.statistics.neighbours import kneighbors
         from dgmood.statistics.residual import peak_residual
 
-        need = max(self.k, self.local_k) + skip
-        if len(self.search_bank()) < need:
-            raise ValueError(f"the k-NN term needs at least {need} training images, got {len(self.bank_)}")
+        need, space = max(self.k, self.local_k) + skip, self.search_bank()
+        if len(space) < need:
+            raise ValueError(f"the k-NN term needs at least {need} training images, got {len(space)}")
         out = np.empty((len(images), 2 if self.local_k else 1), np.float64)
         for start in range(0, len(images), chunk):
             x = images[start:start + chunk]
-            dist, index = kneighbors(self.search_bank(), x, need)
+            dist, index = kneighbors(space, x, need)
             out[start:start + len(x), -1] = dist[:, self.k + skip - 1]
             if self.local_k:
                 picked = index[:, skip:skip + self.local_k]
